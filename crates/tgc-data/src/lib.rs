@@ -1,0 +1,1 @@
+//! Datasets, transforms, metrics and the frozen-feature cache for TGC-Net

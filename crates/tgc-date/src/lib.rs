@@ -1,0 +1,1 @@
+//! DATE: Domain-Augmented Text Encoder fusion of TGC-Net

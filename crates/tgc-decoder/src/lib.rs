@@ -1,0 +1,1 @@
+//! CAT-Seg cost aggregation decoder for TGC-Net

@@ -1,0 +1,1 @@
+//! SSE: Semantic-Structural Synergy Encoder of TGC-Net (CNN branch, CLIP fusion, MSDeformAttn pixel encoder)

@@ -1,0 +1,1 @@
+//! VLCM: Vision-Language Calibration Module of TGC-Net and its ablation variants
