@@ -1,0 +1,1 @@
+//! Gradient-correct building blocks shared by the TGC-Net crates.
