@@ -1,0 +1,177 @@
+//! Oracles: hand-computed values and central finite differences in f64.
+
+use candle_core::{DType, Device, Module, Result, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use tgc_nn::{layer_norm, masked_mean, resize_bilinear, MhaConfig, MultiHeadAttention};
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Central finite differences of `f` at `x` against the autograd gradient.
+fn gradcheck(x: &Var, f: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<f64> {
+    let loss = f(x.as_tensor())?;
+    let grads = loss.backward()?;
+    let g = grads
+        .get(x.as_tensor())
+        .expect("no gradient reached the input")
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let base = x.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+    let eps = 1e-6;
+    let mut worst = 0f64;
+    for i in 0..base.len() {
+        let mut p = base.clone();
+        p[i] += eps;
+        let lp = f(&Tensor::from_vec(p.clone(), x.shape(), x.device())?)?.to_scalar::<f64>()?;
+        p[i] -= 2.0 * eps;
+        let lm = f(&Tensor::from_vec(p, x.shape(), x.device())?)?.to_scalar::<f64>()?;
+        let num = (lp - lm) / (2.0 * eps);
+        worst = worst.max((num - g[i]).abs());
+    }
+    Ok(worst)
+}
+
+#[test]
+fn layer_norm_matches_hand_computation() -> Result<()> {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let ln = layer_norm(4, 1e-5, VarBuilder::from_varmap(&vm, DType::F64, &dev))?;
+    let x = Tensor::new(&[[1.0f64, 2.0, 3.0, 6.0]], &dev)?;
+    // mean 3, var (4+1+0+9)/4 = 3.5
+    let s = (3.5f64 + 1e-5).sqrt();
+    let want = Tensor::new(&[[-2.0 / s, -1.0 / s, 0.0, 3.0 / s]], &dev)?;
+    assert!(max_abs(&ln.forward(&x)?, &want) < 1e-12);
+    Ok(())
+}
+
+#[test]
+fn layer_norm_gradients_match_finite_differences() -> Result<()> {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let ln = layer_norm(5, 1e-5, VarBuilder::from_varmap(&vm, DType::F64, &dev))?;
+    let target = Tensor::randn(0f64, 1.0, (3, 5), &dev)?;
+    let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 5), &dev)?)?;
+    let err = gradcheck(&x, &|t| (ln.forward(t)? * &target)?.sum_all())?;
+    assert!(err < 1e-6, "layer norm input gradient off by {err}");
+    // Parameters get gradients too.
+    let loss = (ln.forward(x.as_tensor())? * &target)?.sum_all()?;
+    let grads = loss.backward()?;
+    for (name, v) in vm.data().lock().unwrap().iter() {
+        assert!(grads.get(v.as_tensor()).is_some(), "{name} has no gradient");
+    }
+    Ok(())
+}
+
+#[test]
+fn resize_bilinear_matches_pytorch_convention() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::new(&[[[[1.0f64, 2.0], [3.0, 4.0]]]], &dev)?;
+    let y = resize_bilinear(&x, 4, 4)?;
+    // 1-D 2 -> 4 with align_corners=False: [a, .75a+.25b, .25a+.75b, b]
+    let r = |a: f64, b: f64| [a, 0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b, b];
+    let (c0, c1) = (r(1.0, 2.0), r(3.0, 4.0));
+    let mut want = vec![];
+    for i in 0..4 {
+        let w = r(0.0, 1.0)[i];
+        for j in 0..4 {
+            want.push(c0[j] * (1.0 - w) + c1[j] * w);
+        }
+    }
+    let want = Tensor::from_vec(want, (1, 1, 4, 4), &dev)?;
+    assert!(max_abs(&y, &want) < 1e-12);
+    // 4 -> 2 averages neighbouring pairs.
+    let x = Tensor::new(&[[[[1.0f64, 3.0, 5.0, 7.0]]]], &dev)?;
+    let y = resize_bilinear(&x, 1, 2)?;
+    assert!(max_abs(&y, &Tensor::new(&[[[[2.0f64, 6.0]]]], &dev)?) < 1e-12);
+    Ok(())
+}
+
+#[test]
+fn resize_bilinear_gradient_matches_finite_differences() -> Result<()> {
+    let dev = Device::Cpu;
+    let target = Tensor::randn(0f64, 1.0, (2, 3, 7, 5), &dev)?;
+    let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 3, 4), &dev)?)?;
+    let err = gradcheck(&x, &|t| (resize_bilinear(t, 7, 5)? * &target)?.sum_all())?;
+    assert!(err < 1e-6, "resize gradient off by {err}");
+    Ok(())
+}
+
+#[test]
+fn attention_matches_explicit_computation_and_ignores_padding() -> Result<()> {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let cfg = MhaConfig {
+        q_dim: 6,
+        kv_dim: 5,
+        dim: 8,
+        heads: 2,
+    };
+    let mha = MultiHeadAttention::new(cfg, VarBuilder::from_varmap(&vm, DType::F64, &dev))?;
+    let q = Tensor::randn(0f64, 1.0, (2, 3, 6), &dev)?;
+    let kv = Tensor::randn(0f64, 1.0, (2, 4, 5), &dev)?;
+    let mask = Tensor::new(&[[1f64, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]], &dev)?;
+    let out = mha.forward(&q, &kv, Some(&mask))?;
+
+    // Explicit loop oracle from the stored weights.
+    let get = |n: &str| vm.data().lock().unwrap().get(n).unwrap().as_tensor().clone();
+    let lin = |x: &Tensor, p: &str| -> Result<Tensor> {
+        x.matmul(&get(&format!("{p}.weight")).t()?)?
+            .broadcast_add(&get(&format!("{p}.bias")))
+    };
+    let mut rows = vec![];
+    for b in 0..2 {
+        let valid = if b == 0 { 3 } else { 2 };
+        let qb = lin(&q.get(b)?, "q_proj")?;
+        let kb = lin(&kv.get(b)?.narrow(0, 0, valid)?, "k_proj")?;
+        let vb = lin(&kv.get(b)?.narrow(0, 0, valid)?, "v_proj")?;
+        let mut heads = vec![];
+        for h in 0..2 {
+            let qh = qb.narrow(1, h * 4, 4)?;
+            let kh = kb.narrow(1, h * 4, 4)?;
+            let vh = vb.narrow(1, h * 4, 4)?;
+            let s = (qh.matmul(&kh.t()?)? / 2.0)?.exp()?;
+            let p = s.broadcast_div(&s.sum_keepdim(1)?)?;
+            heads.push(p.matmul(&vh)?);
+        }
+        rows.push(lin(&Tensor::cat(&heads, 1)?, "out_proj")?);
+    }
+    let want = Tensor::stack(&rows, 0)?;
+    assert!(max_abs(&out, &want) < 1e-10);
+
+    // Changing a padded key/value leaves the output unchanged.
+    let noise = Tensor::randn(0f64, 5.0, (1, 1, 5), &dev)?;
+    let kv2 = kv.slice_assign(&[0..1, 3..4, 0..5], &noise)?;
+    assert!(max_abs(&mha.forward(&q, &kv2, Some(&mask))?, &out) < 1e-12);
+
+    // Every parameter receives a non-zero gradient.
+    let loss = out.sqr()?.sum_all()?;
+    let grads = loss.backward()?;
+    for (name, v) in vm.data().lock().unwrap().iter() {
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no grad"));
+        let n = g.abs()?.sum_all()?.to_scalar::<f64>()?;
+        assert!(n > 0.0 && n.is_finite(), "{name}: gradient {n}");
+    }
+    Ok(())
+}
+
+#[test]
+fn masked_mean_skips_padding() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::new(&[[[1.0f64, 2.0], [3.0, 4.0], [100.0, 100.0]]], &dev)?;
+    let m = Tensor::new(&[[1.0f64, 1.0, 0.0]], &dev)?;
+    let y = masked_mean(&x, &m)?;
+    assert!(max_abs(&y, &Tensor::new(&[[2.0f64, 3.0]], &dev)?) < 1e-12);
+    Ok(())
+}
