@@ -1,1 +1,512 @@
-//! CAT-Seg cost aggregation decoder for TGC-Net
+//! # tgc-decoder: the CAT-Seg cost-aggregation decoder of TGC-Net
+//!
+//! TGC-Net decodes its calibrated features with the cost aggregation of CAT-Seg
+//! (Cho et al., CVPR 2024), adapted to per-(image, prompt) visual features:
+//!
+//! 1. **Cost volume.** For every (image, prompt) pair the cosine similarity between the
+//!    calibrated visual feature `F'_V^1/32` of that pair and the pair's text vector gives a
+//!    `h x w` map. Optionally a second, parameter-free channel is stacked: CLIP's own
+//!    zero-shot similarity map (`use_clip_cost`, default on), so `C_in` is 1 or 2.
+//! 2. **Cost embedding.** `Conv7x7(C_in -> hidden)`.
+//! 3. **Aggregation** (`layers` times): spatial aggregation, a Swin W-MSA / SW-MSA pair
+//!    whose queries and keys see `[LN(x); LN(appearance guidance)]`, then class
+//!    aggregation, linear attention (`elu + 1`) across the K prompts of an image after a
+//!    `2 x 2` average pooling, with queries and keys from `[LN(x); text guidance]`.
+//!    Guidance: `ReLU(Conv3x3(D -> 128))` of `F'_V^1/32` and `ReLU(Linear(D -> 128))` of the
+//!    L2-normalised text vector (CAT-Seg normalises it before projecting).
+//! 4. **Upsampling.** `ConvT(128 -> 96, 2, 2)` ‖ `ReLU(Conv3x3(D -> 32))(F_V^1/16)` ->
+//!    DoubleConv -> `ConvT(64 -> 48, 2, 2)` ‖ `ReLU(Conv3x3(D -> 16))(F_V^1/8)` ->
+//!    DoubleConv -> `Conv3x3(32 -> 1)`: logits per prompt at 1/8 scale. The caller resizes
+//!    them to the label size with [`resize_logits`].
+//!
+//! ## Choices where CAT-Seg or the paper leave room
+//!
+//! - **Window size.** Windows tile the grid exactly, no padding: the effective window on an
+//!   axis is the largest divisor of the grid that is `<= window` (24 -> 12, the paper grid;
+//!   14 -> 7, the CPU preset grid; 16 -> 8), a grid no larger than the window is one window,
+//!   and a grid whose best divisor is below `window / 2` (a prime such as 13) becomes one
+//!   global window. See [`effective_window`]. The SW-MSA block shifts by half a window and
+//!   uses Swin's attention mask (-100 between tokens the cyclic roll brought together);
+//!   when one window covers an axis that axis is not shifted (as CAT-Seg does).
+//! - **Class axis.** Not padded (CAT-Seg's `pad_len = 256` learnable tokens would swamp a
+//!   single referring prompt); K = 1 works and the class attention then reduces to its
+//!   value path.
+//! - **Pooling.** `class_pool x class_pool` average pooling before the class attention.
+//!   With an odd grid the trailing row/column is left out of the pooled map (PyTorch's
+//!   `AvgPool2d` floor rule) but still receives the upsampled update; grids smaller than
+//!   the pool skip pooling. The pooled result is upsampled with
+//!   [`tgc_nn::resize_bilinear`] (`align_corners = false`; CAT-Seg uses `true`).
+//! - **Per-pair features.** `F'_V^1/32` differs per prompt (VLCM calibrates it), so the
+//!   appearance guidance is per pair; `F_V^1/16` and `F_V^1/8` are per image and are
+//!   broadcast to the K prompts of their image.
+//! - **GroupNorm.** DoubleConv uses `channels / group_norm_channels` groups (CAT-Seg:
+//!   16 channels per group, so 4 groups at 64 and 2 at 32).
+//! - The decoder-guidance projections keep CAT-Seg's ReLU; the aggregation has no dropout
+//!   by default (`dropout = 0`, as CAT-Seg); `train` only switches dropout on.
+//!
+//! Parameter names follow the module tree: `cost_embed`, `appearance_guidance`,
+//! `text_guidance`, `layers.{i}.spatial.{guidance_norm, blocks.{0,1}.{norm1, attn.{q,k,v,proj},
+//! norm2, mlp.{fc1,fc2}}}`, `layers.{i}.class.{norm1, q, k, v, norm2, mlp.{fc1,fc2}}`,
+//! `decoder_guidance.{0,1}`, `up.{0,1}.{convt, conv1, norm1, conv2, norm2}`, `head`.
+//! With the paper configuration and the CLIP cost channel the decoder has 2,005,473
+//! parameters.
+//!
+//! ## Example
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use tgc_decoder::{CostAggregationDecoder, DecoderConfig};
+//!
+//! let dev = Device::Cpu;
+//! let cfg = DecoderConfig {
+//!     d_model: 32,
+//!     hidden: 16,
+//!     guidance_dim: 16,
+//!     heads: 2,
+//!     window: 4,
+//!     class_mlp: 32,
+//!     f16_proj: 8,
+//!     f8_proj: 4,
+//!     up_channels: [8, 4],
+//!     decoder_dims: [16, 8],
+//!     group_norm_channels: 4,
+//!     ..DecoderConfig::default()
+//! };
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+//! let decoder = CostAggregationDecoder::new(&cfg, vb)?;
+//!
+//! let (b, k, h, w) = (1, 2, 8, 8);
+//! let vision = Tensor::randn(0f32, 1.0, (b * k, 32, h, w), &dev)?; // F'_V^1/32 per pair
+//! let text = Tensor::randn(0f32, 1.0, (b, k, 32), &dev)?; // text vector per prompt
+//! let f16 = Tensor::randn(0f32, 1.0, (b, 32, 2 * h, 2 * w), &dev)?;
+//! let f8 = Tensor::randn(0f32, 1.0, (b, 32, 4 * h, 4 * w), &dev)?;
+//! let clip_cost = Tensor::randn(0f32, 0.1, (b, k, h, w), &dev)?;
+//! let logits = decoder.forward(&vision, &text, &f16, &f8, Some(&clip_cost), false)?;
+//! assert_eq!(logits.dims(), &[b, k, 4 * h, 4 * w]);
+//! let full = tgc_decoder::resize_logits(&logits, 64, 64)?;
+//! assert_eq!(full.dims(), &[b, k, 64, 64]);
+//! # Ok::<(), tgc_decoder::Error>(())
+//! ```
+
+mod class;
+mod spatial;
+
+use candle_core::{Tensor, D};
+use candle_nn::{
+    Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, Linear, Module,
+    VarBuilder,
+};
+use serde::{Deserialize, Serialize};
+
+use class::ClassAggregation;
+pub use spatial::effective_window;
+use spatial::SpatialAggregation;
+
+/// Errors of the decoder.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor op failed inside candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// An input tensor has the wrong shape.
+    #[error("tgc-decoder: input `{tensor}` has shape {got:?}, expected {expected}")]
+    Shape {
+        /// Name of the offending argument.
+        tensor: &'static str,
+        /// Its shape.
+        got: Vec<usize>,
+        /// What was expected, in words.
+        expected: String,
+    },
+    /// The configuration is inconsistent.
+    #[error("tgc-decoder: invalid DecoderConfig: {0}")]
+    Config(String),
+    /// The CLIP cost channel is configured but missing, or given but not configured.
+    #[error("tgc-decoder: {0}")]
+    ClipCost(&'static str),
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Configuration of [`CostAggregationDecoder`]. `Default` is the paper's (CAT-Seg ViT-L
+/// configuration, adapted as described in the crate docs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DecoderConfig {
+    /// Width `D` of the visual features and of the text vector (256).
+    pub d_model: usize,
+    /// Width of the aggregated cost embedding (128).
+    pub hidden: usize,
+    /// Width of the appearance and text guidance projections (128).
+    pub guidance_dim: usize,
+    /// Attention heads in both aggregations (4); must divide `hidden`.
+    pub heads: usize,
+    /// Number of aggregation layers (2).
+    pub layers: usize,
+    /// Requested Swin window (12); see [`effective_window`].
+    pub window: usize,
+    /// Swin MLP ratio (4): hidden width `mlp_ratio * hidden`.
+    pub mlp_ratio: usize,
+    /// Hidden width of the class-aggregation MLP (512).
+    pub class_mlp: usize,
+    /// Average pooling before class aggregation (2).
+    pub class_pool: usize,
+    /// Stack CLIP's zero-shot cosine map as a second cost channel (true).
+    pub use_clip_cost: bool,
+    /// Projection width of `F_V^1/16` in the first upsampling stage (32).
+    pub f16_proj: usize,
+    /// Projection width of `F_V^1/8` in the second upsampling stage (16).
+    pub f8_proj: usize,
+    /// Output channels of the two transposed convolutions ([96, 48]).
+    pub up_channels: [usize; 2],
+    /// Output channels of the two DoubleConvs ([64, 32]).
+    pub decoder_dims: [usize; 2],
+    /// Channels per GroupNorm group in the DoubleConvs (16).
+    pub group_norm_channels: usize,
+    /// Dropout in the aggregation MLPs and attention outputs when training (0.0).
+    pub dropout: f32,
+    /// LayerNorm epsilon (1e-5).
+    pub ln_eps: f64,
+}
+
+impl Default for DecoderConfig {
+    fn default() -> Self {
+        Self {
+            d_model: 256,
+            hidden: 128,
+            guidance_dim: 128,
+            heads: 4,
+            layers: 2,
+            window: 12,
+            mlp_ratio: 4,
+            class_mlp: 512,
+            class_pool: 2,
+            use_clip_cost: true,
+            f16_proj: 32,
+            f8_proj: 16,
+            up_channels: [96, 48],
+            decoder_dims: [64, 32],
+            group_norm_channels: 16,
+            dropout: 0.0,
+            ln_eps: 1e-5,
+        }
+    }
+}
+
+impl DecoderConfig {
+    /// Number of cost channels per (image, prompt) pair: 2 with the CLIP map, else 1.
+    pub fn cost_channels(&self) -> usize {
+        if self.use_clip_cost {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// GroupNorm groups for `channels`: `channels / group_norm_channels`, at least 1.
+    pub fn groups(&self, channels: usize) -> usize {
+        (channels / self.group_norm_channels.max(1)).max(1)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.heads == 0 || self.hidden % self.heads != 0 {
+            return bad(format!(
+                "hidden {} is not divisible by heads {}",
+                self.hidden, self.heads
+            ));
+        }
+        if self.d_model == 0 || self.hidden == 0 || self.window == 0 || self.class_pool == 0 {
+            return bad("d_model, hidden, window and class_pool must be positive".into());
+        }
+        for c in self.decoder_dims {
+            if c == 0 || c % self.groups(c) != 0 {
+                return bad(format!(
+                    "decoder channels {c} not divisible into {} GroupNorm groups",
+                    self.groups(c)
+                ));
+            }
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("dropout {} outside [0, 1)", self.dropout));
+        }
+        Ok(())
+    }
+}
+
+/// Cosine cost volume: `vision` `(B*K) x D x h x w` (pairs ordered `b*K + k`) against
+/// `text` `B x K x D` -> `B x K x h x w`, the cosine of each pixel's feature with its
+/// pair's text vector. Both sides are L2-normalised over `D` (with `1e-12` added to the
+/// squared norm, so the gradient stays finite at zero).
+pub fn cost_volume(vision: &Tensor, text: &Tensor) -> Result<Tensor> {
+    let (bk, d, h, w) = vision.dims4()?;
+    let (b, k, dt) = text.dims3()?;
+    if bk != b * k || d != dt {
+        return Err(Error::Shape {
+            tensor: "vision",
+            got: vision.dims().to_vec(),
+            expected: format!("(B*K={}) x (D={dt}) x h x w", b * k),
+        });
+    }
+    let v = vision.reshape((b, k, d, h * w))?;
+    let vn = v.broadcast_div(&(v.sqr()?.sum_keepdim(2)? + 1e-12)?.sqrt()?)?;
+    let tn = text.broadcast_div(&(text.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?)?;
+    // (B, K, 1, D) @ (B, K, D, hw) -> (B, K, 1, hw)
+    let cos = tn.unsqueeze(2)?.contiguous()?.matmul(&vn.contiguous()?)?;
+    Ok(cos.reshape((b, k, h, w))?)
+}
+
+/// Bilinearly resizes logits `B x K x h x w` to `B x K x out_h x out_w`
+/// (`align_corners = false`, differentiable), e.g. from the decoder's 1/8 scale to the
+/// label size.
+pub fn resize_logits(logits: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    Ok(tgc_nn::resize_bilinear(logits, out_h, out_w)?)
+}
+
+/// One aggregation layer: spatial then class aggregation.
+#[derive(Clone, Debug)]
+struct AggregationLayer {
+    spatial: SpatialAggregation,
+    class: ClassAggregation,
+}
+
+/// `(Conv3x3 -> GroupNorm -> ReLU) x 2`, convolutions without bias.
+#[derive(Clone, Debug)]
+struct DoubleConv {
+    conv1: Conv2d,
+    norm1: GroupNorm,
+    conv2: Conv2d,
+    norm2: GroupNorm,
+}
+
+impl DoubleConv {
+    fn new(cin: usize, cout: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        let c3 = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv1: candle_nn::conv2d_no_bias(cin, cout, 3, c3, vb.pp("conv1"))?,
+            norm1: candle_nn::group_norm(groups, cout, 1e-5, vb.pp("norm1"))?,
+            conv2: candle_nn::conv2d_no_bias(cout, cout, 3, c3, vb.pp("conv2"))?,
+            norm2: candle_nn::group_norm(groups, cout, 1e-5, vb.pp("norm2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.apply(&self.conv1)?.apply(&self.norm1)?.relu()?;
+        Ok(x.apply(&self.conv2)?.apply(&self.norm2)?.relu()?)
+    }
+}
+
+/// One upsampling stage: `ConvT(2, 2)`, concatenation with projected per-image features,
+/// DoubleConv.
+#[derive(Clone, Debug)]
+struct UpStage {
+    convt: ConvTranspose2d,
+    conv: DoubleConv,
+}
+
+/// The CAT-Seg cost-aggregation decoder (see the crate docs for the architecture).
+#[derive(Clone, Debug)]
+pub struct CostAggregationDecoder {
+    cfg: DecoderConfig,
+    cost_embed: Conv2d,
+    appearance_guidance: Conv2d,
+    text_guidance: Linear,
+    layers: Vec<AggregationLayer>,
+    decoder_guidance: [Conv2d; 2],
+    up: [UpStage; 2],
+    head: Conv2d,
+}
+
+impl CostAggregationDecoder {
+    /// Builds the decoder under `vb` (names in the crate docs).
+    pub fn new(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let (d, c, g) = (cfg.d_model, cfg.hidden, cfg.guidance_dim);
+        let pad = |p: usize| Conv2dConfig {
+            padding: p,
+            ..Default::default()
+        };
+        let cost_embed = candle_nn::conv2d(cfg.cost_channels(), c, 7, pad(3), vb.pp("cost_embed"))?;
+        let appearance_guidance =
+            candle_nn::conv2d(d, g, 3, pad(1), vb.pp("appearance_guidance"))?;
+        let text_guidance = candle_nn::linear(d, g, vb.pp("text_guidance"))?;
+        let layers = (0..cfg.layers)
+            .map(|i| {
+                let lvb = vb.pp("layers").pp(i);
+                Ok(AggregationLayer {
+                    spatial: SpatialAggregation::new(
+                        c,
+                        g,
+                        cfg.heads,
+                        cfg.mlp_ratio * c,
+                        cfg.window,
+                        cfg.ln_eps,
+                        lvb.pp("spatial"),
+                    )?,
+                    class: ClassAggregation::new(
+                        c,
+                        g,
+                        cfg.heads,
+                        cfg.class_mlp,
+                        cfg.class_pool,
+                        cfg.ln_eps,
+                        lvb.pp("class"),
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let dg = vb.pp("decoder_guidance");
+        let decoder_guidance = [
+            candle_nn::conv2d(d, cfg.f16_proj, 3, pad(1), dg.pp("0"))?,
+            candle_nn::conv2d(d, cfg.f8_proj, 3, pad(1), dg.pp("1"))?,
+        ];
+        let up_cfg = ConvTranspose2dConfig {
+            stride: 2,
+            ..Default::default()
+        };
+        let ins = [c, cfg.decoder_dims[0]];
+        let projs = [cfg.f16_proj, cfg.f8_proj];
+        let mut up = Vec::with_capacity(2);
+        for i in 0..2 {
+            let uvb = vb.pp("up").pp(i);
+            let out = cfg.decoder_dims[i];
+            up.push(UpStage {
+                convt: candle_nn::conv_transpose2d(
+                    ins[i],
+                    cfg.up_channels[i],
+                    2,
+                    up_cfg,
+                    uvb.pp("convt"),
+                )?,
+                conv: DoubleConv::new(cfg.up_channels[i] + projs[i], out, cfg.groups(out), uvb)?,
+            });
+        }
+        let [up0, up1]: [UpStage; 2] = up
+            .try_into()
+            .map_err(|_| Error::Config("internal: two upsampling stages".into()))?;
+        let head = candle_nn::conv2d(cfg.decoder_dims[1], 1, 3, pad(1), vb.pp("head"))?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            cost_embed,
+            appearance_guidance,
+            text_guidance,
+            layers,
+            decoder_guidance,
+            up: [up0, up1],
+            head,
+        })
+    }
+
+    /// The configuration this decoder was built with.
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    /// Decodes mask logits for B images with K prompts each (pairs ordered `b*K + k`).
+    ///
+    /// - `vision`: calibrated `F'_V^1/32` per pair, `(B*K) x D x h x w`
+    /// - `text`: text vector per prompt, `B x K x D`
+    /// - `f16`: `F_V^1/16` per image, `B x D x 2h x 2w`
+    /// - `f8`: `F_V^1/8` per image, `B x D x 4h x 4w`
+    /// - `clip_cost`: CLIP's zero-shot cosine map `B x K x h x w`; required when
+    ///   `use_clip_cost`, rejected otherwise
+    /// - `train`: enables dropout (if `dropout > 0`)
+    ///
+    /// Returns logits `B x K x 4h x 4w` (1/8 scale); see [`resize_logits`].
+    pub fn forward(
+        &self,
+        vision: &Tensor,
+        text: &Tensor,
+        f16: &Tensor,
+        f8: &Tensor,
+        clip_cost: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let d = cfg.d_model;
+        let shape_err = |tensor, t: &Tensor, expected: String| Error::Shape {
+            tensor,
+            got: t.dims().to_vec(),
+            expected,
+        };
+        let (b, k, dt) = text
+            .dims3()
+            .map_err(|_| shape_err("text", text, format!("B x K x {d}")))?;
+        if dt != d || b == 0 || k == 0 {
+            return Err(shape_err("text", text, format!("B x K x {d}, B, K > 0")));
+        }
+        let bk = b * k;
+        let (h, w) = match vision.dims() {
+            &[n, dv, h, w] if n == bk && dv == d && h > 0 && w > 0 => (h, w),
+            _ => {
+                return Err(shape_err(
+                    "vision",
+                    vision,
+                    format!("(B*K={bk}) x {d} x h x w"),
+                ))
+            }
+        };
+        if f16.dims() != [b, d, 2 * h, 2 * w] {
+            return Err(shape_err("f16", f16, format!("[{b}, {d}, {}, {}]", 2 * h, 2 * w)));
+        }
+        if f8.dims() != [b, d, 4 * h, 4 * w] {
+            return Err(shape_err("f8", f8, format!("[{b}, {d}, {}, {}]", 4 * h, 4 * w)));
+        }
+
+        // 1. Cost volume, (B*K) x C_in x h x w.
+        let cos = cost_volume(vision, text)?.reshape((bk, 1, h, w))?;
+        let cost = match (cfg.use_clip_cost, clip_cost) {
+            (true, Some(cc)) => {
+                if cc.dims() != [b, k, h, w] {
+                    return Err(shape_err("clip_cost", cc, format!("[{b}, {k}, {h}, {w}]")));
+                }
+                Tensor::cat(&[cos, cc.reshape((bk, 1, h, w))?], 1)?
+            }
+            (false, None) => cos,
+            (true, None) => {
+                return Err(Error::ClipCost(
+                    "use_clip_cost is set but no clip_cost map was given",
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(Error::ClipCost(
+                    "a clip_cost map was given but use_clip_cost is false",
+                ))
+            }
+        };
+
+        // 2. Embedding and guidance, channels-last for the aggregation.
+        let nhwc = |t: Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.contiguous()?) };
+        let mut x = nhwc(cost.apply(&self.cost_embed)?)?;
+        let appearance = nhwc(vision.apply(&self.appearance_guidance)?.relu()?)?;
+        let tn = text.broadcast_div(&(text.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?)?;
+        let text_g = tn.apply(&self.text_guidance)?.relu()?;
+
+        // 3. Aggregation.
+        for layer in &self.layers {
+            x = layer.spatial.forward(&x, &appearance, cfg.dropout, train)?;
+            x = layer.class.forward(&x, &text_g, cfg.dropout, train)?;
+        }
+
+        // 4. Upsampling with per-image features broadcast to the K prompts.
+        let mut x = x.permute((0, 3, 1, 2))?.contiguous()?;
+        for (i, feat) in [f16, f8].into_iter().enumerate() {
+            let g = feat.apply(&self.decoder_guidance[i])?.relu()?;
+            let (_, gc, gh, gw) = g.dims4()?;
+            let g = g
+                .unsqueeze(1)?
+                .broadcast_as((b, k, gc, gh, gw))?
+                .reshape((bk, gc, gh, gw))?;
+            let up = x.apply(&self.up[i].convt)?;
+            x = self.up[i].conv.forward(&Tensor::cat(&[up, g], 1)?)?;
+        }
+        let logits = x.apply(&self.head)?;
+        Ok(logits.reshape((b, k, 4 * h, 4 * w))?)
+    }
+}

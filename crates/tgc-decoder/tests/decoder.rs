@@ -1,0 +1,322 @@
+//! Tests of the cost-aggregation decoder against independent oracles: a PyTorch
+//! reference (fixture), hand-computed cosines, a closed-form parameter count, and
+//! gradient flow to every parameter.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use tgc_decoder::{cost_volume, effective_window, CostAggregationDecoder, DecoderConfig, Error};
+
+type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn fixture_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/decoder_fixture.safetensors")
+}
+
+/// The tiny configuration of `make_fixture.py` (`BASE`).
+fn tiny(use_clip_cost: bool) -> DecoderConfig {
+    DecoderConfig {
+        d_model: 16,
+        hidden: 16,
+        guidance_dim: 8,
+        heads: 2,
+        layers: 2,
+        window: 4,
+        mlp_ratio: 2,
+        class_mlp: 24,
+        class_pool: 2,
+        use_clip_cost,
+        f16_proj: 4,
+        f8_proj: 4,
+        up_channels: [12, 6],
+        decoder_dims: [8, 4],
+        group_norm_channels: 4,
+        dropout: 0.0,
+        ln_eps: 1e-5,
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> R<f32> {
+    assert_eq!(a.dims(), b.dims());
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+fn check_case(case: &str, use_clip: bool) -> R<()> {
+    let dev = Device::Cpu;
+    let path = fixture_path();
+    let t: HashMap<String, Tensor> = candle_core::safetensors::load(&path, &dev)?;
+    let get = |k: &str| -> R<Tensor> {
+        t.get(&format!("{case}.{k}"))
+            .cloned()
+            .ok_or_else(|| format!("fixture lacks {case}.{k}").into())
+    };
+    // SAFETY: the fixture file is committed and not modified while mapped.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &dev)? };
+    let dec = CostAggregationDecoder::new(&tiny(use_clip), vb.pp(case))?;
+    let (vision, text, f16, f8) = (
+        get("input.vision")?,
+        get("input.text")?,
+        get("input.f16")?,
+        get("input.f8")?,
+    );
+    let clip = if use_clip {
+        Some(get("input.clip_cost")?)
+    } else {
+        None
+    };
+    let cost = cost_volume(&vision, &text)?;
+    let e_cost = max_abs_diff(&cost, &get("output.cost")?)?;
+    let logits = dec.forward(&vision, &text, &f16, &f8, clip.as_ref(), false)?;
+    let e = max_abs_diff(&logits, &get("output.logits")?)?;
+    println!("case {case}: max |cost - torch| = {e_cost:.2e}, max |logits - torch| = {e:.2e}");
+    assert!(e_cost < 1e-5, "case {case}: cost volume differs by {e_cost}");
+    assert!(e < 1e-4, "case {case}: logits differ from PyTorch by {e}");
+    Ok(())
+}
+
+/// B=2, K=3, 8x8 grid, window 4 with shift 2 and Swin mask, CLIP cost channel.
+#[test]
+fn matches_pytorch_reference_square_grid_k3() -> R<()> {
+    check_case("a", true)
+}
+
+/// B=1, K=1, 6x9 grid: 3x3 windows shifted by 1 (non-square mask), odd pooled width,
+/// no CLIP cost channel.
+#[test]
+fn matches_pytorch_reference_odd_grid_k1() -> R<()> {
+    check_case("b", false)
+}
+
+/// Cosine channel against arithmetic done by hand.
+#[test]
+fn cost_volume_matches_hand_computation() -> R<()> {
+    let dev = Device::Cpu;
+    // B=1, K=2, D=3, h=1, w=2. Pair 0 sees pixels (1,0,0) and (1,1,0); pair 1 sees
+    // (0,3,4) and (-2,0,0).
+    // vision is (B*K) x D x h x w: channel-major per pair.
+    let vision = Tensor::from_vec(
+        vec![
+            1f32, 1.0, 0.0, 1.0, 0.0, 0.0, // pair 0: d0=(1,1), d1=(0,1), d2=(0,0)
+            0.0, -2.0, 3.0, 0.0, 4.0, 0.0, // pair 1: d0=(0,-2), d1=(3,0), d2=(4,0)
+        ],
+        (2, 3, 1, 2),
+        &dev,
+    )?;
+    // Text of prompt 0 = (2,0,0); prompt 1 = (0,0,5).
+    let text = Tensor::from_vec(vec![2f32, 0.0, 0.0, 0.0, 0.0, 5.0], (1, 2, 3), &dev)?;
+    let c = cost_volume(&vision, &text)?.flatten_all()?.to_vec1::<f32>()?;
+    // pair 0: cos((1,0,0),(1,0,0)) = 1; cos((1,1,0),(1,0,0)) = 1/sqrt(2).
+    // pair 1: cos((0,3,4),(0,0,1)) = 4/5; cos((-2,0,0),(0,0,1)) = 0.
+    let expect = [1.0f32, std::f32::consts::FRAC_1_SQRT_2, 0.8, 0.0];
+    for (g, e) in c.iter().zip(expect) {
+        assert!((g - e).abs() < 1e-6, "cost {c:?} vs {expect:?}");
+    }
+    Ok(())
+}
+
+/// Closed-form parameter count of the decoder (biases included):
+/// - cost embedding `C_in*128*49 + 128`, appearance guidance `D*G*9 + G`,
+///   text guidance `D*G + G`;
+/// - per layer: spatial = `2G` (guidance LN) + 2 blocks of
+///   [`2C` LN1 + 2*((C+G)*C + C) q,k + 2*(C*C + C) v,proj + `2C` LN2 + MLP
+///   `(C*rC + rC) + (rC*C + C)`]; class = `4C` (two LNs) + 2*((C+G)*C + C) q,k +
+///   `C*C + C` v + MLP `(C*M + M) + (M*C + C)`;
+/// - decoder guidance `D*p*9 + p` for p in (32, 16);
+/// - stage i: ConvT `in*u*4 + u`, DoubleConv `(u+p)*o*9 + o*o*9` + two GroupNorms `4o`;
+/// - head `32*9 + 1`.
+fn formula_count(cfg: &DecoderConfig) -> usize {
+    let (d, c, g) = (cfg.d_model, cfg.hidden, cfg.guidance_dim);
+    let cin = cfg.cost_channels();
+    let rc = cfg.mlp_ratio * c;
+    let m = cfg.class_mlp;
+    let front = cin * c * 49 + c + d * g * 9 + g + d * g + g;
+    let block = 2 * c + 2 * ((c + g) * c + c) + 2 * (c * c + c) + 2 * c + (c * rc + rc) + (rc * c + c);
+    let spatial = 2 * g + 2 * block;
+    let class = 4 * c + 2 * ((c + g) * c + c) + (c * c + c) + (c * m + m) + (m * c + c);
+    let layers = cfg.layers * (spatial + class);
+    let projs = [cfg.f16_proj, cfg.f8_proj];
+    let guid: usize = projs.iter().map(|p| d * p * 9 + p).sum();
+    let ins = [c, cfg.decoder_dims[0]];
+    let stages: usize = (0..2)
+        .map(|i| {
+            let (u, o, p) = (cfg.up_channels[i], cfg.decoder_dims[i], projs[i]);
+            ins[i] * u * 4 + u + (u + p) * o * 9 + o * o * 9 + 4 * o
+        })
+        .sum();
+    let head = cfg.decoder_dims[1] * 9 + 1;
+    front + layers + guid + stages + head
+}
+
+fn varmap_count(cfg: &DecoderConfig) -> R<usize> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    CostAggregationDecoder::new(cfg, vb)?;
+    Ok(varmap.all_vars().iter().map(|v| v.elem_count()).sum())
+}
+
+#[test]
+fn parameter_count_matches_formula() -> R<()> {
+    let paper = DecoderConfig::default();
+    let n = varmap_count(&paper)?;
+    println!(
+        "paper decoder parameters: {n} (formula {})",
+        formula_count(&paper)
+    );
+    assert_eq!(n, formula_count(&paper));
+    // The figure quoted in the crate docs.
+    assert_eq!(n, 2_005_473);
+    let no_clip = DecoderConfig {
+        use_clip_cost: false,
+        ..paper
+    };
+    assert_eq!(varmap_count(&no_clip)?, formula_count(&no_clip));
+    assert_eq!(varmap_count(&tiny(true))?, formula_count(&tiny(true)));
+    Ok(())
+}
+
+/// Every parameter and the `vision` input get a finite, non-zero gradient.
+fn gradient_flow(b: usize, k: usize, h: usize, w: usize, use_clip: bool) -> R<()> {
+    let dev = Device::Cpu;
+    let cfg = tiny(use_clip);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let dec = CostAggregationDecoder::new(&cfg, vb)?;
+    let d = cfg.d_model;
+    let vision = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b * k, d, h, w), &dev)?)?;
+    let text = Tensor::randn(0f32, 1.0, (b, k, d), &dev)?;
+    let f16 = Tensor::randn(0f32, 1.0, (b, d, 2 * h, 2 * w), &dev)?;
+    let f8 = Tensor::randn(0f32, 1.0, (b, d, 4 * h, 4 * w), &dev)?;
+    let clip = Tensor::randn(0f32, 0.3, (b, k, h, w), &dev)?;
+    let logits = dec.forward(
+        &vision,
+        &text,
+        &f16,
+        &f8,
+        use_clip.then_some(&clip),
+        true,
+    )?;
+    // A random weighting so no gradient vanishes by symmetry of the loss.
+    let target = Tensor::randn(0f32, 1.0, logits.dims(), &dev)?;
+    let loss = (logits * target)?.sum_all()?;
+    let grads = loss.backward()?;
+    let data = varmap.data().lock().unwrap();
+    assert!(!data.is_empty());
+    let mut missing = vec![];
+    for (name, var) in data.iter() {
+        match grads.get(var.as_tensor()) {
+            None => missing.push(format!("{name}: no gradient")),
+            Some(g) => {
+                let v = g.flatten_all()?.to_vec1::<f32>()?;
+                if v.iter().any(|x| !x.is_finite()) {
+                    missing.push(format!("{name}: non-finite gradient"));
+                }
+                let norm = v.iter().map(|x| x.abs()).fold(0f32, f32::max);
+                // With K = 1 the class attention is exactly its value path up to the
+                // 1e-6 eps of the normaliser: q and k then get gradients of order
+                // eps/(q·k)^2, pure rounding noise in f32. Everything else must move.
+                let class_qk =
+                    name.contains(".class.q.") || name.contains(".class.k.");
+                if norm == 0.0 && !(k == 1 && class_qk) {
+                    missing.push(format!("{name}: zero gradient"));
+                }
+            }
+        }
+    }
+    assert!(missing.is_empty(), "gradient problems: {missing:#?}");
+    let gv = grads
+        .get(vision.as_tensor())
+        .ok_or("vision input has no gradient")?;
+    let gmax = gv.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    assert!(gmax.is_finite() && gmax > 0.0, "vision gradient {gmax}");
+    Ok(())
+}
+
+#[test]
+fn every_parameter_gets_gradient_k2_with_clip_cost() -> R<()> {
+    gradient_flow(2, 2, 8, 8, true)
+}
+
+#[test]
+fn every_parameter_gets_gradient_k1_without_clip_cost() -> R<()> {
+    gradient_flow(2, 1, 6, 9, false)
+}
+
+/// The paper grid (24, windows of 12) and the CPU preset grid (14, windows of 7) run at
+/// the paper widths and give finite logits at 1/8 scale.
+#[test]
+fn paper_and_cpu_grids() -> R<()> {
+    assert_eq!(effective_window(24, 12), 12);
+    assert_eq!(effective_window(14, 12), 7);
+    let dev = Device::Cpu;
+    for (grid, d) in [(24usize, 256usize), (14, 128)] {
+        let cfg = DecoderConfig {
+            d_model: d,
+            ..DecoderConfig::default()
+        };
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let dec = CostAggregationDecoder::new(&cfg, vb)?;
+        let (b, k) = (1, 2);
+        let vision = Tensor::randn(0f32, 1.0, (b * k, d, grid, grid), &dev)?;
+        let text = Tensor::randn(0f32, 1.0, (b, k, d), &dev)?;
+        let f16 = Tensor::randn(0f32, 1.0, (b, d, 2 * grid, 2 * grid), &dev)?;
+        let f8 = Tensor::randn(0f32, 1.0, (b, d, 4 * grid, 4 * grid), &dev)?;
+        let clip = Tensor::randn(0f32, 0.3, (b, k, grid, grid), &dev)?;
+        let logits = dec.forward(&vision, &text, &f16, &f8, Some(&clip), false)?;
+        assert_eq!(logits.dims(), &[b, k, 4 * grid, 4 * grid]);
+        let s = logits.abs()?.sum_all()?.to_scalar::<f32>()?;
+        assert!(s.is_finite() && s > 0.0);
+        let full = tgc_decoder::resize_logits(&logits, 8 * grid, 8 * grid)?;
+        assert_eq!(full.dims(), &[b, k, 8 * grid, 8 * grid]);
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_inputs_are_errors() -> R<()> {
+    let dev = Device::Cpu;
+    let cfg = tiny(true);
+    let varmap = VarMap::new();
+    let dec = CostAggregationDecoder::new(
+        &cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+    )?;
+    let (b, k, h, w, d) = (1, 2, 8, 8, 16);
+    let vision = Tensor::zeros((b * k, d, h, w), DType::F32, &dev)?;
+    let text = Tensor::zeros((b, k, d), DType::F32, &dev)?;
+    let f16 = Tensor::zeros((b, d, 2 * h, 2 * w), DType::F32, &dev)?;
+    let f8 = Tensor::zeros((b, d, 4 * h, 4 * w), DType::F32, &dev)?;
+    let clip = Tensor::zeros((b, k, h, w), DType::F32, &dev)?;
+    // Missing CLIP cost while configured.
+    assert!(matches!(
+        dec.forward(&vision, &text, &f16, &f8, None, false),
+        Err(Error::ClipCost(_))
+    ));
+    // f8 at the wrong scale.
+    assert!(matches!(
+        dec.forward(&vision, &text, &f16, &f16, Some(&clip), false),
+        Err(Error::Shape { tensor: "f8", .. })
+    ));
+    // vision not per pair.
+    let v1 = vision.narrow(0, 0, 1)?;
+    assert!(matches!(
+        dec.forward(&v1, &text, &f16, &f8, Some(&clip), false),
+        Err(Error::Shape {
+            tensor: "vision",
+            ..
+        })
+    ));
+    // Heads must divide hidden.
+    let bad = DecoderConfig {
+        heads: 3,
+        ..tiny(true)
+    };
+    let vm = VarMap::new();
+    assert!(matches!(
+        CostAggregationDecoder::new(&bad, VarBuilder::from_varmap(&vm, DType::F32, &dev)),
+        Err(Error::Config(_))
+    ));
+    Ok(())
+}
