@@ -165,10 +165,10 @@ impl MultiHeadAttention {
             scores = scores.broadcast_add(&bias)?;
         }
         let attn = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let out = attn
-            .matmul(&vh)?
-            .transpose(1, 2)?
-            .reshape((b, lq, self.heads * self.head_dim))?;
+        let out =
+            attn.matmul(&vh)?
+                .transpose(1, 2)?
+                .reshape((b, lq, self.heads * self.head_dim))?;
         out.apply(&self.out_proj)
     }
 }
@@ -220,5 +220,7 @@ pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor>
         .contiguous()?
         .reshape((b * c * out_w, h))?;
     let y = xw.matmul(&mh.t()?)?.reshape((b * c, out_w, out_h))?;
-    y.transpose(1, 2)?.contiguous()?.reshape((b, c, out_h, out_w))
+    y.transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, c, out_h, out_w))
 }

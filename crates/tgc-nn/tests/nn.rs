@@ -125,7 +125,15 @@ fn attention_matches_explicit_computation_and_ignores_padding() -> Result<()> {
     let out = mha.forward(&q, &kv, Some(&mask))?;
 
     // Explicit loop oracle from the stored weights.
-    let get = |n: &str| vm.data().lock().unwrap().get(n).unwrap().as_tensor().clone();
+    let get = |n: &str| {
+        vm.data()
+            .lock()
+            .unwrap()
+            .get(n)
+            .unwrap()
+            .as_tensor()
+            .clone()
+    };
     let lin = |x: &Tensor, p: &str| -> Result<Tensor> {
         x.matmul(&get(&format!("{p}.weight")).t()?)?
             .broadcast_add(&get(&format!("{p}.bias")))
@@ -159,7 +167,9 @@ fn attention_matches_explicit_computation_and_ignores_padding() -> Result<()> {
     let loss = out.sqr()?.sum_all()?;
     let grads = loss.backward()?;
     for (name, v) in vm.data().lock().unwrap().iter() {
-        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no grad"));
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no grad"));
         let n = g.abs()?.sum_all()?.to_scalar::<f64>()?;
         assert!(n > 0.0 && n.is_finite(), "{name}: gradient {n}");
     }
