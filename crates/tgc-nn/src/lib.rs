@@ -116,7 +116,7 @@ pub struct MultiHeadAttention {
 impl MultiHeadAttention {
     /// Creates the attention block under `vb`.
     pub fn new(cfg: MhaConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.heads == 0 || cfg.dim % cfg.heads != 0 {
+        if cfg.heads == 0 || !cfg.dim.is_multiple_of(cfg.heads) {
             candle_core::bail!(
                 "MultiHeadAttention: dim {} is not divisible by heads {}",
                 cfg.dim,
