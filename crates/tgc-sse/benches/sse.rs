@@ -4,7 +4,7 @@
 //!
 //! - `cnn/forward`, `cnn/forward_backward`: the CNN branch alone (the baseline);
 //! - `sse_full/forward`, `sse_full/forward_backward`: the whole Full-mode SSE (CNN, fusion,
-//!   3 MSDeformAttn layers), when built with the `msda` feature;
+//!   3 MSDeformAttn layers);
 //! - `sse_clip_only/*`: the ClipOnly ablation.
 
 use candle_core::{DType, Device, Tensor};
@@ -33,14 +33,10 @@ fn bench(c: &mut Criterion) {
     let image = Tensor::randn(0f32, 1.0, (BATCH, 3, S_N, S_N), &dev).unwrap();
     let g = S_N / 32;
 
-    let modes: &[(&str, SseMode)] = if cfg!(feature = "msda") {
-        &[
-            ("sse_full", SseMode::Full),
-            ("sse_clip_only", SseMode::ClipOnly),
-        ]
-    } else {
-        &[("sse_clip_only", SseMode::ClipOnly)]
-    };
+    let modes = [
+        ("sse_full", SseMode::Full),
+        ("sse_clip_only", SseMode::ClipOnly),
+    ];
 
     // The CNN branch alone (from a Full-mode SSE).
     {
@@ -66,7 +62,7 @@ fn bench(c: &mut Criterion) {
         group.finish();
     }
 
-    for &(name, mode) in modes {
+    for (name, mode) in modes {
         let cfg = SseConfig::cpu().with_mode(mode);
         let varmap = VarMap::new();
         let sse = Sse::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();

@@ -52,8 +52,6 @@
 
 mod cnn;
 mod config;
-#[cfg(not(feature = "msda"))]
-mod msda_shim;
 mod sse;
 
 pub use cnn::{BasicBlock, CnnBranch, ConvNorm};
@@ -61,10 +59,7 @@ pub use config::{SseConfig, SseMode};
 pub use sse::{Sse, SseOutput};
 
 /// The MSDeformAttn encoder configuration (re-exported from `tgc-msda`).
-#[cfg(feature = "msda")]
 pub use tgc_msda::MsDeformAttnConfig;
-#[cfg(not(feature = "msda"))]
-pub use msda_shim::MsDeformAttnConfig;
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +80,6 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     /// An error from the MSDeformAttn encoder.
-    #[cfg(feature = "msda")]
     #[error(transparent)]
     Msda(#[from] tgc_msda::Error),
 }

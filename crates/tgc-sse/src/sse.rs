@@ -56,30 +56,8 @@ fn conv1x1_xavier(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Conv2d> {
     Ok(Conv2d::new(weight, Some(bias), Conv2dConfig::default()))
 }
 
-/// The MSDeformAttn pixel encoder when the `msda` feature is on.
-#[cfg(feature = "msda")]
+/// The MSDeformAttn pixel encoder of `tgc-msda`.
 type Encoder = tgc_msda::MsDeformEncoder;
-
-/// Placeholder when the crate is built without the `msda` feature: the modes that need
-/// the encoder fail with a clear error at the encoder step.
-#[cfg(not(feature = "msda"))]
-#[derive(Clone, Debug)]
-struct Encoder;
-
-#[cfg(not(feature = "msda"))]
-impl Encoder {
-    fn new(_cfg: &crate::MsDeformAttnConfig, _vb: VarBuilder) -> Result<Self> {
-        Ok(Self)
-    }
-
-    fn forward(&self, _srcs: &[Tensor], _train: bool) -> Result<Vec<Tensor>> {
-        Err(Error::Config(
-            "tgc-sse was built without the `msda` feature: the MSDeformAttn encoder is not \
-             available"
-                .into(),
-        ))
-    }
-}
 
 /// The Semantic-Structural Synergy Encoder (SSE) of TGC-Net.
 ///
