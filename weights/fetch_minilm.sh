@@ -19,7 +19,8 @@ want = {"model.safetensors", "tokenizer.json", "config.json"}
 with zipfile.ZipFile(whl) as z:
     for n in z.namelist():
         b = os.path.basename(n)
-        if b in want:
+        # Only the model folder's own files (1_Pooling/config.json is another config.json).
+        if b in want and n.endswith("/model/" + b):
             with z.open(n) as src, open(os.path.join(dest + ".part", b), "wb") as dst:
                 shutil.copyfileobj(src, dst)
 missing = want - set(os.listdir(dest + ".part"))
