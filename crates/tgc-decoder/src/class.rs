@@ -131,7 +131,10 @@ impl ClassAggregation {
             .transpose(1, 2)?
             .reshape((b * s, k, c))?;
         let xp = (xp + maybe_dropout(&att, dropout, train)?)?;
-        let xp = (&xp + self.mlp.forward(&self.norm2.forward(&xp)?, dropout, train)?)?;
+        let xp = (&xp
+            + self
+                .mlp
+                .forward(&self.norm2.forward(&xp)?, dropout, train)?)?;
         // Back to one map per pair, channels first for the resize.
         let xp = xp
             .reshape((b, s, k, c))?

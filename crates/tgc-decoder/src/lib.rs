@@ -95,8 +95,7 @@ mod spatial;
 
 use candle_core::{Tensor, D};
 use candle_nn::{
-    Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, Linear, Module,
-    VarBuilder,
+    Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, Linear, VarBuilder,
 };
 use serde::{Deserialize, Serialize};
 
@@ -213,7 +212,7 @@ impl DecoderConfig {
 
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.heads == 0 || self.hidden % self.heads != 0 {
+        if self.heads == 0 || !self.hidden.is_multiple_of(self.heads) {
             return bad(format!(
                 "hidden {} is not divisible by heads {}",
                 self.hidden, self.heads
@@ -223,7 +222,7 @@ impl DecoderConfig {
             return bad("d_model, hidden, window and class_pool must be positive".into());
         }
         for c in self.decoder_dims {
-            if c == 0 || c % self.groups(c) != 0 {
+            if c == 0 || !c.is_multiple_of(self.groups(c)) {
                 return bad(format!(
                     "decoder channels {c} not divisible into {} GroupNorm groups",
                     self.groups(c)
@@ -333,8 +332,7 @@ impl CostAggregationDecoder {
             ..Default::default()
         };
         let cost_embed = candle_nn::conv2d(cfg.cost_channels(), c, 7, pad(3), vb.pp("cost_embed"))?;
-        let appearance_guidance =
-            candle_nn::conv2d(d, g, 3, pad(1), vb.pp("appearance_guidance"))?;
+        let appearance_guidance = candle_nn::conv2d(d, g, 3, pad(1), vb.pp("appearance_guidance"))?;
         let text_guidance = candle_nn::linear(d, g, vb.pp("text_guidance"))?;
         let layers = (0..cfg.layers)
             .map(|i| {
@@ -453,10 +451,18 @@ impl CostAggregationDecoder {
             }
         };
         if f16.dims() != [b, d, 2 * h, 2 * w] {
-            return Err(shape_err("f16", f16, format!("[{b}, {d}, {}, {}]", 2 * h, 2 * w)));
+            return Err(shape_err(
+                "f16",
+                f16,
+                format!("[{b}, {d}, {}, {}]", 2 * h, 2 * w),
+            ));
         }
         if f8.dims() != [b, d, 4 * h, 4 * w] {
-            return Err(shape_err("f8", f8, format!("[{b}, {d}, {}, {}]", 4 * h, 4 * w)));
+            return Err(shape_err(
+                "f8",
+                f8,
+                format!("[{b}, {d}, {}, {}]", 4 * h, 4 * w),
+            ));
         }
 
         // 1. Cost volume, (B*K) x C_in x h x w.

@@ -26,7 +26,10 @@ pub fn effective_window(grid: usize, window: usize) -> usize {
     if grid <= window {
         return grid;
     }
-    let d = (1..=window).rev().find(|d| grid % d == 0).unwrap_or(1);
+    let d = (1..=window)
+        .rev()
+        .find(|d| grid.is_multiple_of(*d))
+        .unwrap_or(1);
     if 2 * d < window {
         grid
     } else {
@@ -125,7 +128,10 @@ pub(crate) fn roll(x: &Tensor, shift: isize, dim: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let n = n as usize;
-    Ok(Tensor::cat(&[x.narrow(dim, n - s, s)?, x.narrow(dim, 0, n - s)?], dim)?)
+    Ok(Tensor::cat(
+        &[x.narrow(dim, n - s, s)?, x.narrow(dim, 0, n - s)?],
+        dim,
+    )?)
 }
 
 /// `N x H x W x C` -> `(N * nW) x (wh*ww) x C`, windows row-major, tokens row-major.
@@ -326,7 +332,10 @@ impl SpatialAggregation {
     ) -> Result<Tensor> {
         let (_, h, w, _) = x.dims4()?;
         let geo = WindowGeometry::new(h, w, self.window);
-        let mask = geo.shift_mask(x.device())?.map(|m| m.to_dtype(x.dtype())).transpose()?;
+        let mask = geo
+            .shift_mask(x.device())?
+            .map(|m| m.to_dtype(x.dtype()))
+            .transpose()?;
         let g = self.guidance_norm.forward(guidance)?;
         let x = self.blocks[0].forward(x, &g, &geo, None, dropout, train)?;
         self.blocks[1].forward(&x, &g, &geo, mask.as_ref(), dropout, train)
@@ -366,7 +375,11 @@ mod tests {
         let p = window_partition(&x, &g)?;
         assert_eq!(p.dims(), &[2 * 2 * 3, 4, 3]);
         // Window 1 of image 0 holds rows 0..2, columns 2..4; token 2 is (row 1, col 2).
-        let expect = x.narrow(0, 0, 1)?.narrow(1, 1, 1)?.narrow(2, 2, 1)?.flatten_all()?;
+        let expect = x
+            .narrow(0, 0, 1)?
+            .narrow(1, 1, 1)?
+            .narrow(2, 2, 1)?
+            .flatten_all()?;
         let got = p.narrow(0, 1, 1)?.narrow(1, 2, 1)?.flatten_all()?;
         assert_eq!(expect.to_vec1::<f32>()?, got.to_vec1::<f32>()?);
         let back = window_reverse(&p, &g, 2)?;

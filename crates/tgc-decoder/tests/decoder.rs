@@ -71,7 +71,10 @@ fn check_case(case: &str, use_clip: bool) -> R<()> {
     let logits = dec.forward(&vision, &text, &f16, &f8, clip.as_ref(), false)?;
     let e = max_abs_diff(&logits, &get("output.logits")?)?;
     println!("case {case}: max |cost - torch| = {e_cost:.2e}, max |logits - torch| = {e:.2e}");
-    assert!(e_cost < 1e-5, "case {case}: cost volume differs by {e_cost}");
+    assert!(
+        e_cost < 1e-5,
+        "case {case}: cost volume differs by {e_cost}"
+    );
     assert!(e < 1e-4, "case {case}: logits differ from PyTorch by {e}");
     Ok(())
 }
@@ -106,7 +109,9 @@ fn cost_volume_matches_hand_computation() -> R<()> {
     )?;
     // Text of prompt 0 = (2,0,0); prompt 1 = (0,0,5).
     let text = Tensor::from_vec(vec![2f32, 0.0, 0.0, 0.0, 0.0, 5.0], (1, 2, 3), &dev)?;
-    let c = cost_volume(&vision, &text)?.flatten_all()?.to_vec1::<f32>()?;
+    let c = cost_volume(&vision, &text)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     // pair 0: cos((1,0,0),(1,0,0)) = 1; cos((1,1,0),(1,0,0)) = 1/sqrt(2).
     // pair 1: cos((0,3,4),(0,0,1)) = 4/5; cos((-2,0,0),(0,0,1)) = 0.
     let expect = [1.0f32, std::f32::consts::FRAC_1_SQRT_2, 0.8, 0.0];
@@ -132,7 +137,8 @@ fn formula_count(cfg: &DecoderConfig) -> usize {
     let rc = cfg.mlp_ratio * c;
     let m = cfg.class_mlp;
     let front = cin * c * 49 + c + d * g * 9 + g + d * g + g;
-    let block = 2 * c + 2 * ((c + g) * c + c) + 2 * (c * c + c) + 2 * c + (c * rc + rc) + (rc * c + c);
+    let block =
+        2 * c + 2 * ((c + g) * c + c) + 2 * (c * c + c) + 2 * c + (c * rc + rc) + (rc * c + c);
     let spatial = 2 * g + 2 * block;
     let class = 4 * c + 2 * ((c + g) * c + c) + (c * c + c) + (c * m + m) + (m * c + c);
     let layers = cfg.layers * (spatial + class);
@@ -189,14 +195,7 @@ fn gradient_flow(b: usize, k: usize, h: usize, w: usize, use_clip: bool) -> R<()
     let f16 = Tensor::randn(0f32, 1.0, (b, d, 2 * h, 2 * w), &dev)?;
     let f8 = Tensor::randn(0f32, 1.0, (b, d, 4 * h, 4 * w), &dev)?;
     let clip = Tensor::randn(0f32, 0.3, (b, k, h, w), &dev)?;
-    let logits = dec.forward(
-        &vision,
-        &text,
-        &f16,
-        &f8,
-        use_clip.then_some(&clip),
-        true,
-    )?;
+    let logits = dec.forward(&vision, &text, &f16, &f8, use_clip.then_some(&clip), true)?;
     // A random weighting so no gradient vanishes by symmetry of the loss.
     let target = Tensor::randn(0f32, 1.0, logits.dims(), &dev)?;
     let loss = (logits * target)?.sum_all()?;
@@ -216,8 +215,7 @@ fn gradient_flow(b: usize, k: usize, h: usize, w: usize, use_clip: bool) -> R<()
                 // With K = 1 the class attention is exactly its value path up to the
                 // 1e-6 eps of the normaliser: q and k then get gradients of order
                 // eps/(q·k)^2, pure rounding noise in f32. Everything else must move.
-                let class_qk =
-                    name.contains(".class.q.") || name.contains(".class.k.");
+                let class_qk = name.contains(".class.q.") || name.contains(".class.k.");
                 if norm == 0.0 && !(k == 1 && class_qk) {
                     missing.push(format!("{name}: zero gradient"));
                 }
@@ -279,10 +277,8 @@ fn bad_inputs_are_errors() -> R<()> {
     let dev = Device::Cpu;
     let cfg = tiny(true);
     let varmap = VarMap::new();
-    let dec = CostAggregationDecoder::new(
-        &cfg,
-        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
-    )?;
+    let dec =
+        CostAggregationDecoder::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
     let (b, k, h, w, d) = (1, 2, 8, 8, 16);
     let vision = Tensor::zeros((b * k, d, h, w), DType::F32, &dev)?;
     let text = Tensor::zeros((b, k, d), DType::F32, &dev)?;
