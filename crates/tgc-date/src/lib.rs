@@ -149,7 +149,7 @@ pub struct Date {
 impl Date {
     /// Builds DATE under `vb`.
     pub fn new(cfg: &DateConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.heads == 0 || cfg.text_dim % cfg.heads != 0 {
+        if cfg.heads == 0 || !cfg.text_dim.is_multiple_of(cfg.heads) {
             return Err(Error::Config(format!(
                 "text_dim {} is not divisible by heads {}",
                 cfg.text_dim, cfg.heads

@@ -309,7 +309,7 @@ impl Vlcm {
                 cfg.d_model, cfg.text_dim
             )));
         }
-        if cfg.heads == 0 || cfg.d_model % cfg.heads != 0 {
+        if cfg.heads == 0 || !cfg.d_model.is_multiple_of(cfg.heads) {
             return Err(Error::Config(format!(
                 "d_model {} is not divisible by heads {}",
                 cfg.d_model, cfg.heads
