@@ -74,10 +74,12 @@ impl Checkpoint {
 
     /// A tensor by name, or an error naming it and the file.
     pub fn tensor(&self, name: &str) -> Result<&Tensor> {
-        self.tensors.get(name).ok_or_else(|| Error::CheckpointCorrupt {
-            path: self.path.clone(),
-            reason: format!("no tensor named `{name}`"),
-        })
+        self.tensors
+            .get(name)
+            .ok_or_else(|| Error::CheckpointCorrupt {
+                path: self.path.clone(),
+                reason: format!("no tensor named `{name}`"),
+            })
     }
 }
 

@@ -126,8 +126,8 @@ pub fn lvit_weighted_dice_bce(logits: &Tensor, target: &Tensor) -> Result<Tensor
     let neg = t.lt(0.5)?.to_dtype(l.dtype())?;
     let n_pos = pos.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? + 1e-12;
     let n_neg = neg.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? + 1e-12;
-    let bce = (((&l * &pos)?.sum_all()? * (0.5 / n_pos))?
-        + ((&l * &neg)?.sum_all()? * (0.5 / n_neg))?)?;
+    let bce =
+        (((&l * &pos)?.sum_all()? * (0.5 / n_pos))? + ((&l * &neg)?.sum_all()? * (0.5 / n_neg))?)?;
     Ok(((dice * 0.5)? + (bce * 0.5)?)?)
 }
 

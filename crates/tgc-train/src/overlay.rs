@@ -54,10 +54,7 @@ fn to_hw(t: &Tensor, what: &str) -> Result<(usize, usize, Vec<f32>)> {
         )));
     }
     let (h, w) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    let v = t
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     Ok((h, w, v))
 }
 

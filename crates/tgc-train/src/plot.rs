@@ -162,7 +162,10 @@ pub fn plot_curves(
         (Some(a), _) => (a.epoch - 0.5, a.epoch + 0.5),
         _ => (0.0, 1.0),
     };
-    let lmax = loss_pts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let lmax = loss_pts
+        .iter()
+        .map(|p| p.1)
+        .fold(f64::NEG_INFINITY, f64::max);
     let lmin = loss_pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let (y0, y1) = if loss_pts.is_empty() {
         (0.0, 1.0)
@@ -209,7 +212,10 @@ pub fn plot_curves(
                 .map_err(|e| plot_err(path, e))?;
         }
         chart
-            .draw_series(LineSeries::new(loss_pts.iter().copied(), loss_color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                loss_pts.iter().copied(),
+                loss_color.stroke_width(2),
+            ))
             .map_err(|e| plot_err(path, e))?;
         chart
             .draw_series(

@@ -14,7 +14,10 @@ fn sample_tensors(seed: f32) -> HashMap<String, Tensor> {
     let dev = Device::Cpu;
     let a: Vec<f32> = (0..12).map(|i| i as f32 * 0.25 + seed).collect();
     HashMap::from([
-        ("model.w".to_string(), Tensor::from_vec(a, (3, 4), &dev).unwrap()),
+        (
+            "model.w".to_string(),
+            Tensor::from_vec(a, (3, 4), &dev).unwrap(),
+        ),
         (
             "model.b".to_string(),
             Tensor::new(&[1.5f64, -2.0], &dev).unwrap(),
@@ -32,11 +35,17 @@ fn sample_tensors(seed: f32) -> HashMap<String, Tensor> {
 
 fn meta(step: u64) -> HashMap<String, String> {
     HashMap::from([
-        (checkpoint::META_CONFIG.to_string(), r#"{"d_model":128}"#.to_string()),
+        (
+            checkpoint::META_CONFIG.to_string(),
+            r#"{"d_model":128}"#.to_string(),
+        ),
         (checkpoint::META_STEP.to_string(), step.to_string()),
         (checkpoint::META_EPOCH.to_string(), "2".to_string()),
         (checkpoint::META_RNG.to_string(), "[1,2,3]".to_string()),
-        (checkpoint::META_BEST_METRIC.to_string(), "0.8123".to_string()),
+        (
+            checkpoint::META_BEST_METRIC.to_string(),
+            "0.8123".to_string(),
+        ),
     ])
 }
 
@@ -50,7 +59,11 @@ fn assert_same(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) {
             x.to_dtype(DType::F64).unwrap().flatten_all().unwrap(),
             y.to_dtype(DType::F64).unwrap().flatten_all().unwrap(),
         );
-        assert_eq!(x.to_vec1::<f64>().unwrap(), y.to_vec1::<f64>().unwrap(), "{k}");
+        assert_eq!(
+            x.to_vec1::<f64>().unwrap(),
+            y.to_vec1::<f64>().unwrap(),
+            "{k}"
+        );
     }
 }
 
@@ -64,7 +77,10 @@ fn checkpoint_roundtrip() -> R {
     assert_same(&t, &ck.tensors);
     assert_eq!(ck.meta_parse::<u64>(checkpoint::META_STEP)?, 42);
     assert_eq!(ck.meta(checkpoint::META_CONFIG)?, r#"{"d_model":128}"#);
-    assert_eq!(ck.meta(checkpoint::META_FORMAT_VERSION)?, checkpoint::FORMAT_VERSION);
+    assert_eq!(
+        ck.meta(checkpoint::META_FORMAT_VERSION)?,
+        checkpoint::FORMAT_VERSION
+    );
     assert_eq!(ck.meta_parse::<f64>(checkpoint::META_BEST_METRIC)?, 0.8123);
     let e = ck.meta("nope").unwrap_err().to_string();
     assert!(e.contains("nope") && e.contains("ck.safetensors"), "{e}");
@@ -110,9 +126,15 @@ fn truncated_or_missing_checkpoint_gives_clear_error() -> R {
         let bad = dir.path().join(format!("cut{cut}.safetensors"));
         std::fs::write(&bad, &bytes[..cut])?;
         let err = load_checkpoint(&bad, &Device::Cpu).unwrap_err();
-        assert!(matches!(err, Error::CheckpointCorrupt { .. }), "cut {cut}: {err:?}");
+        assert!(
+            matches!(err, Error::CheckpointCorrupt { .. }),
+            "cut {cut}: {err:?}"
+        );
         let msg = err.to_string();
-        assert!(msg.contains(&format!("cut{cut}.safetensors")) && msg.contains("truncated or corrupt"), "{msg}");
+        assert!(
+            msg.contains(&format!("cut{cut}.safetensors")) && msg.contains("truncated or corrupt"),
+            "{msg}"
+        );
     }
     let missing = dir.path().join("nothing.safetensors");
     let err = load_checkpoint(&missing, &Device::Cpu).unwrap_err();
@@ -135,12 +157,20 @@ fn wrong_format_version_is_rejected() -> R {
     );
     let future = dir.path().join("future.safetensors");
     let mut m = HashMap::new();
-    m.insert(checkpoint::META_FORMAT_VERSION.to_string(), "99".to_string());
+    m.insert(
+        checkpoint::META_FORMAT_VERSION.to_string(),
+        "99".to_string(),
+    );
     let sorted: std::collections::BTreeMap<&str, &Tensor> =
         t.iter().map(|(k, v)| (k.as_str(), v)).collect();
     std::fs::write(&future, safetensors::serialize(sorted, Some(m.clone()))?)?;
-    let msg = load_checkpoint(&future, &Device::Cpu).unwrap_err().to_string();
-    assert!(msg.contains("format version 99") && msg.contains("future.safetensors"), "{msg}");
+    let msg = load_checkpoint(&future, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("format version 99") && msg.contains("future.safetensors"),
+        "{msg}"
+    );
     // Refusing to write another version.
     assert!(save_checkpoint(dir.path().join("x"), &t, &m).is_err());
     Ok(())
@@ -151,7 +181,8 @@ fn config_mismatch_names_fields() {
     let current = r#"{"d_model": 128, "sse": {"layers": 3, "heads": 8}, "name": "cpu"}"#;
     let same_reordered = r#"{"name": "cpu", "sse": {"heads": 8, "layers": 3}, "d_model": 128}"#;
     check_config_compatible(current, same_reordered).unwrap();
-    let other = r#"{"d_model": 256, "sse": {"layers": 6, "heads": 8}, "name": "cpu", "extra": true}"#;
+    let other =
+        r#"{"d_model": 256, "sse": {"layers": 6, "heads": 8}, "name": "cpu", "extra": true}"#;
     let err = check_config_compatible(current, other).unwrap_err();
     assert!(matches!(err, Error::ConfigMismatch(_)));
     let msg = err.to_string();
@@ -169,7 +200,10 @@ fn guard_names_step_and_batch() {
         let msg = check_finite(bad, 17, &["img_3.png", "img_9.png"])
             .unwrap_err()
             .to_string();
-        assert!(msg.contains("step 17") && msg.contains("img_3.png, img_9.png"), "{msg}");
+        assert!(
+            msg.contains("step 17") && msg.contains("img_3.png, img_9.png"),
+            "{msg}"
+        );
     }
 }
 
@@ -184,7 +218,10 @@ fn jsonl_roundtrip_and_errors() -> R {
     let path = dir.path().join("m.jsonl");
     {
         let mut w = MetricsWriter::create(&path)?;
-        w.write(&Rec { epoch: 1, train_loss: 0.5 })?;
+        w.write(&Rec {
+            epoch: 1,
+            train_loss: 0.5,
+        })?;
         w.write(&serde_json::json!({"epoch": 1, "val_dice": 0.7}))?;
         assert!(w.write(&3.0).is_err());
         // Flushed per line: readable while the writer is alive.
@@ -192,7 +229,10 @@ fn jsonl_roundtrip_and_errors() -> R {
     }
     {
         let mut w = MetricsWriter::append(&path)?;
-        w.write(&Rec { epoch: 2, train_loss: 0.25 })?;
+        w.write(&Rec {
+            epoch: 2,
+            train_loss: 0.25,
+        })?;
     }
     let text = std::fs::read_to_string(&path)?;
     assert_eq!(
@@ -248,8 +288,14 @@ fn plot_writes_decodable_png() -> R {
         let img = image::open(&png)?.to_rgb8();
         assert_eq!((img.width(), img.height()), (cfg.width, cfg.height));
         // Both curves are drawn below the header band.
-        assert!(count_color(&img, 30, [31, 119, 180]) > 20, "loss curve missing");
-        assert!(count_color(&img, 30, [214, 39, 40]) > 20, "dice curve missing");
+        assert!(
+            count_color(&img, 30, [31, 119, 180]) > 20,
+            "loss curve missing"
+        );
+        assert!(
+            count_color(&img, 30, [214, 39, 40]) > 20,
+            "dice curve missing"
+        );
     }
     // No data yet: an empty frame, not an error.
     let png = dir.path().join("empty.png");
@@ -279,7 +325,10 @@ fn font_draws_hand_checked_glyph() {
         .collect();
     lit.sort();
     assert_eq!(lit, expected);
-    assert_eq!(font::wrap("left lung opacity", 9), vec!["left lung", "opacity"]);
+    assert_eq!(
+        font::wrap("left lung opacity", 9),
+        vec!["left lung", "opacity"]
+    );
     assert_eq!(font::wrap("abcdefghij", 4), vec!["abcd", "efgh", "ij"]);
 }
 
@@ -287,7 +336,9 @@ fn font_draws_hand_checked_glyph() {
 fn overlay_contours_on_hand_made_squares() -> R {
     let dev = Device::Cpu;
     let (h, w) = (32usize, 32usize);
-    let img: Vec<f32> = (0..h * w).map(|i| (i % w) as f32 / (w - 1) as f32).collect();
+    let img: Vec<f32> = (0..h * w)
+        .map(|i| (i % w) as f32 / (w - 1) as f32)
+        .collect();
     let square = |lo: usize, hi: usize| -> Vec<f32> {
         (0..h * w)
             .map(|i| {
@@ -305,7 +356,9 @@ fn overlay_contours_on_hand_made_squares() -> R {
     assert_eq!((out.width(), out.height()), (32, 32 + 8 + 18));
     // Square [lo, hi): its contour is the ring x or y in {lo, hi - 1}.
     let on_ring = |x: usize, y: usize, lo: usize, hi: usize| {
-        (lo..hi).contains(&x) && (lo..hi).contains(&y) && (x == lo || x == hi - 1 || y == lo || y == hi - 1)
+        (lo..hi).contains(&x)
+            && (lo..hi).contains(&y)
+            && (x == lo || x == hi - 1 || y == lo || y == hi - 1)
     };
     for y in 0..h {
         for x in 0..w {
@@ -317,7 +370,11 @@ fn overlay_contours_on_hand_made_squares() -> R {
                 (false, true) => cfg.gt_color,
                 _ => [grey; 3],
             };
-            assert_eq!(out.get_pixel(x as u32, y as u32).0, want, "pixel ({x}, {y})");
+            assert_eq!(
+                out.get_pixel(x as u32, y as u32).0,
+                want,
+                "pixel ({x}, {y})"
+            );
         }
     }
     // The caption band has text pixels, and only text or black.
@@ -335,7 +392,10 @@ fn overlay_contours_on_hand_made_squares() -> R {
     // Without ground truth and caption: only the prediction contour, no band.
     let out = render_overlay(&image, &pred, None, "", &cfg)?;
     assert_eq!(out.height(), 32);
-    assert_eq!(out.get_pixel(12, 10).0, [(12.0f32 / 31.0 * 255.0).round() as u8; 3]);
+    assert_eq!(
+        out.get_pixel(12, 10).0,
+        [(12.0f32 / 31.0 * 255.0).round() as u8; 3]
+    );
     // Size mismatch is an error.
     let small = Tensor::zeros((16, 16), DType::F32, &dev)?;
     assert!(render_overlay(&image, &small, None, "", &cfg).is_err());
@@ -346,7 +406,14 @@ fn overlay_contours_on_hand_made_squares() -> R {
 fn contour_of_single_pixel_and_border() {
     // A 3x3 full mask: everything but the centre is contour (border counts as outside).
     let c = contour(&[true; 9], 3, 3);
-    assert_eq!(c, vec![true, true, true, true, false, true, true, true, true]);
-    let c = contour(&[false, false, false, false, true, false, false, false, false], 3, 3);
+    assert_eq!(
+        c,
+        vec![true, true, true, true, false, true, true, true, true]
+    );
+    let c = contour(
+        &[false, false, false, false, true, false, false, false, false],
+        3,
+        3,
+    );
     assert_eq!(c.iter().filter(|&&b| b).count(), 1);
 }

@@ -7,9 +7,7 @@ use std::path::PathBuf;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use tgc_train::checkpoint::{load_checkpoint, save_checkpoint};
-use tgc_train::loss::{
-    bce_with_logits, dice_bce, lvit_weighted_dice_bce, soft_dice_loss, SegLoss,
-};
+use tgc_train::loss::{bce_with_logits, dice_bce, lvit_weighted_dice_bce, soft_dice_loss, SegLoss};
 use tgc_train::{clip_grad_norm, AdamW, AdamWConfig, Error, WarmupCosine};
 
 type R = Result<(), Box<dyn std::error::Error>>;
@@ -172,11 +170,25 @@ fn save_load_continue_is_bit_identical() -> R {
         assert_eq!(a.dtype(), c.dtype(), "{k}");
         match a.dtype() {
             DType::F32 => {
-                let fa: Vec<u32> = a.flatten_all()?.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect();
-                let fc: Vec<u32> = c.flatten_all()?.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect();
+                let fa: Vec<u32> = a
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect();
+                let fc: Vec<u32> = c
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect();
                 assert_eq!(fa, fc, "{k}");
             }
-            _ => assert_eq!(a.flatten_all()?.to_vec1::<i64>()?, c.flatten_all()?.to_vec1::<i64>()?, "{k}"),
+            _ => assert_eq!(
+                a.flatten_all()?.to_vec1::<i64>()?,
+                c.flatten_all()?.to_vec1::<i64>()?,
+                "{k}"
+            ),
         }
     }
     Ok(())
@@ -195,18 +207,27 @@ fn load_state_rejects_mismatched_state() -> R {
     assert!(e.contains("optim.v.p1"), "{e}");
 
     let mut wrong_shape = good.clone();
-    wrong_shape.insert("optim.m.p0".into(), Tensor::zeros((4, 3), DType::F32, &Device::Cpu)?);
+    wrong_shape.insert(
+        "optim.m.p0".into(),
+        Tensor::zeros((4, 3), DType::F32, &Device::Cpu)?,
+    );
     let e = other.load_state(&wrong_shape).unwrap_err().to_string();
     assert!(e.contains("optim.m.p0") && e.contains("[4, 3]"), "{e}");
 
     let mut extra = good.clone();
-    extra.insert("optim.m.gone".into(), Tensor::zeros(2, DType::F32, &Device::Cpu)?);
+    extra.insert(
+        "optim.m.gone".into(),
+        Tensor::zeros(2, DType::F32, &Device::Cpu)?,
+    );
     let e = other.load_state(&extra).unwrap_err().to_string();
     assert!(e.contains("optim.m.gone"), "{e}");
 
     // Non-optimiser entries (model weights) are ignored.
     let mut with_model = good;
-    with_model.insert("model.x".into(), Tensor::zeros(2, DType::F32, &Device::Cpu)?);
+    with_model.insert(
+        "model.x".into(),
+        Tensor::zeros(2, DType::F32, &Device::Cpu)?,
+    );
     other.load_state(&with_model)?;
     Ok(())
 }
@@ -238,11 +259,17 @@ fn clip_leaves_small_and_non_finite_grads_alone() -> R {
     g.insert(v.as_tensor(), Tensor::new(&[3f32, 4.0], &dev)?);
     // Hand-computed: norm 5, max 10 -> unchanged.
     assert_eq!(clip_grad_norm(&mut g, &[&v], 10.0)?, 5.0);
-    assert_eq!(g.get(v.as_tensor()).unwrap().to_vec1::<f32>()?, vec![3.0, 4.0]);
+    assert_eq!(
+        g.get(v.as_tensor()).unwrap().to_vec1::<f32>()?,
+        vec![3.0, 4.0]
+    );
     // max 1 -> scaled by 1 / (5 + 1e-6).
     clip_grad_norm(&mut g, &[&v], 1.0)?;
     let c = g.get(v.as_tensor()).unwrap().to_vec1::<f32>()?;
-    assert!((c[0] - 0.6).abs() < 1e-6 && (c[1] - 0.8).abs() < 1e-6, "{c:?}");
+    assert!(
+        (c[0] - 0.6).abs() < 1e-6 && (c[1] - 0.8).abs() < 1e-6,
+        "{c:?}"
+    );
     g.insert(v.as_tensor(), Tensor::new(&[f32::NAN, 1.0], &dev)?);
     assert!(clip_grad_norm(&mut g, &[&v], 1.0)?.is_nan());
     assert_eq!(g.get(v.as_tensor()).unwrap().to_vec1::<f32>()?[1], 1.0);
@@ -264,7 +291,11 @@ fn warmup_cosine_hand_computed() -> R {
         (1000, 0.1),
     ];
     for (step, lr) in expected {
-        assert!((s.lr_at(step) - lr).abs() < 1e-12, "step {step}: {} vs {lr}", s.lr_at(step));
+        assert!(
+            (s.lr_at(step) - lr).abs() < 1e-12,
+            "step {step}: {} vs {lr}",
+            s.lr_at(step)
+        );
     }
     let f = WarmupCosine {
         warmup_start_factor: 0.2,
@@ -280,16 +311,22 @@ fn warmup_cosine_hand_computed() -> R {
     Ok(())
 }
 
-#[test]
-fn losses_match_pytorch_values_and_grads() -> R {
-    let fx = fixture("losses.safetensors");
-    let (x, t) = (&fx["logits"], &fx["target"]);
-    let cases: [(&str, fn(&Tensor, &Tensor) -> tgc_train::Result<Tensor>); 4] = [
+type LossFn = fn(&Tensor, &Tensor) -> tgc_train::Result<Tensor>;
+
+fn loss_cases() -> [(&'static str, LossFn); 4] {
+    [
         ("bce", bce_with_logits),
         ("dice", |x, t| soft_dice_loss(x, t, 1.0)),
         ("dice_bce", |x, t| dice_bce(x, t, 0.5, 0.5)),
         ("lvit", lvit_weighted_dice_bce),
-    ];
+    ]
+}
+
+#[test]
+fn losses_match_pytorch_values_and_grads() -> R {
+    let fx = fixture("losses.safetensors");
+    let (x, t) = (&fx["logits"], &fx["target"]);
+    let cases = loss_cases();
     for (name, f) in cases {
         // f64: tight. f32: loose (single precision).
         for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-6)] {
@@ -298,7 +335,10 @@ fn losses_match_pytorch_values_and_grads() -> R {
             assert_eq!(loss.rank(), 0);
             let val = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let want = vec_f64(&fx[&format!("{name}.value")])[0];
-            assert!((val - want).abs() <= tol, "{name} {dtype:?}: {val} vs torch {want}");
+            assert!(
+                (val - want).abs() <= tol,
+                "{name} {dtype:?}: {val} vs torch {want}"
+            );
             let g = loss.backward()?;
             let g = g.get(v.as_tensor()).expect("gradient");
             let d = max_abs_diff(g, &fx[&format!("{name}.grad")]);
@@ -310,7 +350,9 @@ fn losses_match_pytorch_values_and_grads() -> R {
     let got = SegLoss::default().compute(x, t)?.to_scalar::<f64>()?;
     assert!((got - want).abs() < 1e-12);
     let want = vec_f64(&fx["lvit.value"])[0];
-    let got = SegLoss::LvitWeightedDiceBce.compute(x, t)?.to_scalar::<f64>()?;
+    let got = SegLoss::LvitWeightedDiceBce
+        .compute(x, t)?
+        .to_scalar::<f64>()?;
     assert!((got - want).abs() < 1e-12);
     Ok(())
 }
@@ -343,19 +385,26 @@ fn loss_gradients_match_finite_differences() -> R {
     let dev = Device::Cpu;
     // Includes exact zeros (the relu/abs kink) and an all-background prompt.
     let xs: Vec<f64> = (0..24)
-        .map(|i| if i % 7 == 0 { 0.0 } else { ((i * 37 % 11) as f64 - 5.0) * 0.7 })
+        .map(|i| {
+            if i % 7 == 0 {
+                0.0
+            } else {
+                ((i * 37 % 11) as f64 - 5.0) * 0.7
+            }
+        })
         .collect();
     let ts: Vec<f64> = (0..24)
-        .map(|i| if i >= 12 { 0.0 } else { ((i * 5 % 3) == 0) as u8 as f64 })
+        .map(|i| {
+            if i >= 12 {
+                0.0
+            } else {
+                ((i * 5 % 3) == 0) as u8 as f64
+            }
+        })
         .collect();
     let shape = (2, 2, 2, 3);
     let t = Tensor::from_vec(ts, shape, &dev)?;
-    let fs: [(&str, fn(&Tensor, &Tensor) -> tgc_train::Result<Tensor>); 4] = [
-        ("bce", bce_with_logits),
-        ("dice", |x, t| soft_dice_loss(x, t, 1.0)),
-        ("dice_bce", |x, t| dice_bce(x, t, 0.5, 0.5)),
-        ("lvit", lvit_weighted_dice_bce),
-    ];
+    let fs = loss_cases();
     for (name, f) in fs {
         let v = Var::from_tensor(&Tensor::from_vec(xs.clone(), shape, &dev)?)?;
         let g = f(v.as_tensor(), &t)?.backward()?;
