@@ -172,7 +172,9 @@ pub(crate) fn check_image(image: &Tensor, in_channels: usize) -> Result<usize> {
         ));
     }
     if h == 0 || h % 32 != 0 {
-        return bad(format!("the side must be a positive multiple of 32, got {h}"));
+        return bad(format!(
+            "the side must be a positive multiple of 32, got {h}"
+        ));
     }
     Ok(h)
 }

@@ -133,7 +133,7 @@ impl SseConfig {
                 self.clip_dim, self.d_model, self.norm_groups
             ));
         }
-        if !(self.eps > 0.0) {
+        if self.eps.is_nan() || self.eps <= 0.0 {
             return bad(format!("eps must be positive, got {}", self.eps));
         }
         if self.mode.uses_cnn() {

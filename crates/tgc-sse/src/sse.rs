@@ -31,7 +31,8 @@ impl InputProj {
     fn new(c_in: usize, cfg: &SseConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.d_model;
         let conv = conv1x1_xavier(c_in, d, vb.pp("conv"))?;
-        let norm = candle_nn::group_norm(groups_for(d, cfg.norm_groups), d, cfg.eps, vb.pp("norm"))?;
+        let norm =
+            candle_nn::group_norm(groups_for(d, cfg.norm_groups), d, cfg.eps, vb.pp("norm"))?;
         Ok(Self { conv, norm })
     }
 
@@ -234,7 +235,10 @@ impl Sse {
         }
         if let Some(b) = batch {
             if dims[0] != b {
-                return bad(format!("batch {} differs from the image batch {b}", dims[0]));
+                return bad(format!(
+                    "batch {} differs from the image batch {b}",
+                    dims[0]
+                ));
             }
         }
         if dims[2] != self.cfg.clip_dim {
@@ -253,6 +257,28 @@ impl Sse {
             ));
         }
         Ok(())
+    }
+
+    /// The hybrid pyramid that enters the MSDeformAttn encoder (modes with a CNN):
+    /// `[InputProj(F_cnn^1/8), InputProj(F_cnn^1/16), F_fused]`, i.e.
+    /// `[B x D x S_n/8 x S_n/8, B x D x S_n/16 x S_n/16, B x D x S_n/32 x S_n/32]`, where
+    /// `InputProj = Conv1x1(C_s -> D) + GroupNorm(32, D)` as Deformable DETR's `input_proj`.
+    ///
+    /// Inputs as in [`Sse::forward`]. Errors in [`SseMode::ClipOnly`].
+    pub fn pyramid(&self, cnn_image: &Tensor, clip_tokens: Option<&Tensor>) -> Result<[Tensor; 3]> {
+        let proj = self
+            .input_proj
+            .as_ref()
+            .ok_or_else(|| Error::Config(format!("mode {:?} has no CNN pyramid", self.cfg.mode)))?;
+        let s_n = check_image(cnn_image, self.cfg.in_channels)?;
+        let grid = s_n / 32;
+        if self.cfg.mode.uses_clip() {
+            let tokens = clip_tokens.ok_or(Error::MissingClipTokens(self.cfg.mode))?;
+            self.check_clip_tokens(tokens, Some(cnn_image.dim(0)?), grid)?;
+        }
+        let [c8, c16, c32] = self.cnn_features(cnn_image)?;
+        let fused = self.fuse(clip_tokens, Some(&c32), grid)?;
+        Ok([proj[0].forward(&c8)?, proj[1].forward(&c16)?, fused])
     }
 
     /// Runs the SSE.
@@ -290,20 +316,16 @@ impl Sse {
                 Ok(SseOutput { f8, f16, f32 })
             }
             SseMode::Full | SseMode::CnnOnly => {
-                let [c8, c16, c32] = self.cnn_features(cnn_image)?;
-                let fused = self.fuse(clip_tokens, Some(&c32), grid)?;
-                let (proj, enc) = match (&self.input_proj, &self.encoder) {
-                    (Some(p), Some(e)) => (p, e),
-                    _ => {
-                        return Err(Error::Config(
-                            "SSE built without input projections or encoder".into(),
-                        ))
-                    }
-                };
-                let srcs = [proj[0].forward(&c8)?, proj[1].forward(&c16)?, fused];
+                let enc = self.encoder.as_ref().ok_or_else(|| {
+                    Error::Config("SSE built without its MSDeformAttn encoder".into())
+                })?;
+                let srcs = self.pyramid(cnn_image, clip_tokens)?;
                 let out = enc.forward(&srcs, train)?;
                 let [f8, f16, f32]: [Tensor; 3] = out.try_into().map_err(|v: Vec<Tensor>| {
-                    Error::Config(format!("MSDeformAttn encoder returned {} levels, not 3", v.len()))
+                    Error::Config(format!(
+                        "MSDeformAttn encoder returned {} levels, not 3",
+                        v.len()
+                    ))
                 })?;
                 Ok(SseOutput { f8, f16, f32 })
             }

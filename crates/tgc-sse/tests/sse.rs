@@ -143,7 +143,10 @@ fn conv_t2_oracle(x: &[f64], wt: &[f64], bias: &[f64], b: usize, d: usize, g: us
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -171,7 +174,10 @@ fn fuse_matches_f64_oracle_in_every_mode() {
             cfg.eps,
         );
         let err = max_abs_diff(&to_vec(&got), &want);
-        assert!(err < 1e-9, "{mode:?}: fuse differs from the oracle by {err}");
+        assert!(
+            err < 1e-9,
+            "{mode:?}: fuse differs from the oracle by {err}"
+        );
     }
 }
 
@@ -205,7 +211,54 @@ fn clip_only_forward_matches_oracle() {
         ("f8", &out.f8, f8),
     ] {
         let err = max_abs_diff(&to_vec(got), &want);
-        assert!(err < 1e-9, "ClipOnly {name} differs from the oracle by {err}");
+        assert!(
+            err < 1e-9,
+            "ClipOnly {name} differs from the oracle by {err}"
+        );
+    }
+}
+
+/// The pre-encoder pyramid (CNN branch, input projections, fusion) against PyTorch in
+/// float64: fixture from `tests/fixtures/make_sse_fixture.py` (same config as
+/// `small_cfg(Full)`).
+#[test]
+fn pyramid_matches_pytorch_fixture() {
+    let dev = Device::Cpu;
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/sse_small.safetensors"
+    );
+    let fx = candle_core::safetensors::load(path, &dev).unwrap();
+    for mode in [SseMode::Full, SseMode::CnnOnly] {
+        let cfg = small_cfg(mode);
+        let varmap = VarMap::new();
+        let sse = Sse::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F64, &dev)).unwrap();
+        // Every parameter outside the MSDeformAttn encoder must come from the fixture.
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if name.starts_with("encoder.") {
+                continue;
+            }
+            let t = fx
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} missing in the fixture"));
+            var.set(t).unwrap();
+        }
+        let image = &fx["input.image"];
+        let clip = &fx["input.clip"];
+        let feats = sse.cnn_features(image).unwrap();
+        for (got, key) in feats.iter().zip(["output.c8", "output.c16", "output.c32"]) {
+            let err = max_abs_diff(&to_vec(got), &to_vec(&fx[key]));
+            assert!(err < 1e-9, "{mode:?}: {key} differs from PyTorch by {err}");
+        }
+        let pyr = sse.pyramid(image, Some(clip)).unwrap();
+        let err = max_abs_diff(&to_vec(&pyr[0]), &to_vec(&fx["output.p8"]));
+        assert!(err < 1e-9, "{mode:?}: input_proj 1/8 differs by {err}");
+        let err = max_abs_diff(&to_vec(&pyr[1]), &to_vec(&fx["output.p16"]));
+        assert!(err < 1e-9, "{mode:?}: input_proj 1/16 differs by {err}");
+        if mode == SseMode::Full {
+            let err = max_abs_diff(&to_vec(&pyr[2]), &to_vec(&fx["output.fused"]));
+            assert!(err < 1e-9, "F_fused differs from PyTorch by {err}");
+        }
     }
 }
 
@@ -220,11 +273,20 @@ fn check_shapes(cfg: &SseConfig, s_n: usize) {
     let out = sse.forward(&image, Some(&clip), false).unwrap();
     let d = cfg.d_model;
     assert_eq!(out.f8.dims(), &[b, d, s_n / 8, s_n / 8], "{:?}", cfg.mode);
-    assert_eq!(out.f16.dims(), &[b, d, s_n / 16, s_n / 16], "{:?}", cfg.mode);
+    assert_eq!(
+        out.f16.dims(),
+        &[b, d, s_n / 16, s_n / 16],
+        "{:?}",
+        cfg.mode
+    );
     assert_eq!(out.f32.dims(), &[b, d, g, g], "{:?}", cfg.mode);
     for t in [&out.f8, &out.f16, &out.f32] {
         let v = to_vec(t);
-        assert!(v.iter().all(|x| x.is_finite()), "{:?}: non-finite output", cfg.mode);
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "{:?}: non-finite output",
+            cfg.mode
+        );
     }
     if cfg.mode.uses_cnn() {
         let feats = sse.cnn_features(&image).unwrap();
@@ -269,7 +331,10 @@ fn clear_errors_on_bad_inputs() {
                 "{mode:?}: {e}"
             );
             let e = sse.forward(&image, Some(&clip_width), false).unwrap_err();
-            assert!(matches!(&e, Error::Input(s) if s.contains("clip_dim")), "{e}");
+            assert!(
+                matches!(&e, Error::Input(s) if s.contains("clip_dim")),
+                "{e}"
+            );
             let e = sse.forward(&image, Some(&clip_batch), false).unwrap_err();
             assert!(matches!(&e, Error::Input(s) if s.contains("batch")), "{e}");
         }
@@ -278,13 +343,19 @@ fn clear_errors_on_bad_inputs() {
         assert!(matches!(&e, Error::Input(s) if s.contains("square")), "{e}");
         let odd = Tensor::zeros((2, 3, 80, 80), DType::F32, &dev).unwrap();
         let e = sse.forward(&odd, None, false).unwrap_err();
-        assert!(matches!(&e, Error::Input(s) if s.contains("multiple of 32")), "{e}");
+        assert!(
+            matches!(&e, Error::Input(s) if s.contains("multiple of 32")),
+            "{e}"
+        );
         let grey = Tensor::zeros((2, 1, 64, 64), DType::F32, &dev).unwrap();
         let e = sse.forward(&grey, None, false).unwrap_err();
-        assert!(matches!(&e, Error::Input(s) if s.contains("channels")), "{e}");
+        assert!(
+            matches!(&e, Error::Input(s) if s.contains("channels")),
+            "{e}"
+        );
     }
     // A CLIP-free mode does not need tokens (needs the encoder to run to the end).
-        {
+    {
         let cfg = small_cfg(SseMode::CnnOnly);
         let varmap = VarMap::new();
         let sse = Sse::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
@@ -296,7 +367,10 @@ fn clear_errors_on_bad_inputs() {
     cfg.msda.d_model = 64;
     let varmap = VarMap::new();
     let e = Sse::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap_err();
-    assert!(matches!(&e, Error::Config(s) if s.contains("d_model")), "{e}");
+    assert!(
+        matches!(&e, Error::Config(s) if s.contains("d_model")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -330,8 +404,8 @@ fn check_gradients(mode: SseMode) {
     }
     let b = 2;
     let image = Tensor::randn(0f32, 1.0, (b, 3, 64, 64), &dev).unwrap();
-    let clip = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, 4, cfg.clip_dim), &dev).unwrap())
-        .unwrap();
+    let clip =
+        Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, 4, cfg.clip_dim), &dev).unwrap()).unwrap();
     let out = sse.forward(&image, Some(clip.as_tensor()), true).unwrap();
     let mut loss = Tensor::new(0f32, &dev).unwrap();
     for t in [&out.f8, &out.f16, &out.f32] {
@@ -346,8 +420,14 @@ fn check_gradients(mode: SseMode) {
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{mode:?}: no gradient for {name}"));
         let v = to_vec(g);
-        assert!(v.iter().all(|x| x.is_finite()), "{mode:?}: {name} non-finite");
-        assert!(v.iter().any(|x| *x != 0.0), "{mode:?}: {name} zero gradient");
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "{mode:?}: {name} non-finite"
+        );
+        assert!(
+            v.iter().any(|x| *x != 0.0),
+            "{mode:?}: {name} zero gradient"
+        );
     }
     let g = grads.get(clip.as_tensor());
     if mode.uses_clip() {
@@ -413,8 +493,16 @@ fn parameter_count_paper_and_cpu() {
             "{name}: SSE total {total} = CNN+P_C+input_proj {cnn_proj} + P_V {p_v} + LN {ln} \
              + MSDeformAttn encoder {enc}"
         );
-        assert_eq!(total, cnn_proj + p_v + ln + enc, "{name}: unaccounted parameters");
-        assert_eq!(cnn_proj, cnn_proj_formula(&cfg), "{name}: CNN+projection count");
+        assert_eq!(
+            total,
+            cnn_proj + p_v + ln + enc,
+            "{name}: unaccounted parameters"
+        );
+        assert_eq!(
+            cnn_proj,
+            cnn_proj_formula(&cfg),
+            "{name}: CNN+projection count"
+        );
         assert_eq!(p_v, cfg.clip_dim * cfg.d_model + cfg.d_model);
         if name == "paper" {
             // DESIGN.md budget: the CNN branch with its projections is 0.5-1.0M of the
