@@ -224,3 +224,134 @@ pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor>
         .contiguous()?
         .reshape((b, c, out_h, out_w))
 }
+
+/// A `VarBuilder` backend that creates missing variables in a [`VarMap`] with values drawn
+/// from a generator seeded by `seed` and the variable's name.
+///
+/// Candle's own `VarMap` initialises from an unseedable thread RNG on CPU; this makes a
+/// fresh model bit-for-bit reproducible from its seed, independent of the order in which
+/// modules are built. The distributions are those of the [`Init`] hints (constant,
+/// normal, uniform, Kaiming), as candle draws them.
+pub struct SeededVarMap {
+    varmap: candle_nn::VarMap,
+    seed: u64,
+}
+
+impl SeededVarMap {
+    /// Wraps `varmap` (shared: variables created here land in it).
+    pub fn new(varmap: &candle_nn::VarMap, seed: u64) -> Self {
+        Self {
+            varmap: varmap.clone(),
+            seed,
+        }
+    }
+
+    /// A `VarBuilder` over this backend.
+    pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+}
+
+/// SplitMix64: small, fast, and good enough for initial weights.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(f64::MIN_POSITIVE);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+fn seeded_values(shape: &candle_core::Shape, init: Init, seed: u64, name: &str) -> Vec<f64> {
+    use candle_nn::init::NormalOrUniform;
+    let n = shape.elem_count();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut rng = SplitMix64(h);
+    let (normal, a, b) = match init {
+        Init::Const(c) => return vec![c; n],
+        Init::Randn { mean, stdev } => (true, mean, stdev),
+        Init::Uniform { lo, up } => (false, lo, up),
+        Init::Kaiming {
+            dist,
+            fan,
+            non_linearity,
+        } => {
+            let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
+            match dist {
+                NormalOrUniform::Normal => (true, 0.0, std),
+                NormalOrUniform::Uniform => (false, -(3f64.sqrt()) * std, 3f64.sqrt() * std),
+            }
+        }
+    };
+    (0..n)
+        .map(|_| {
+            if normal {
+                a + b * rng.normal()
+            } else {
+                a + (b - a) * rng.uniform()
+            }
+        })
+        .collect()
+}
+
+impl candle_nn::var_builder::SimpleBackend for SeededVarMap {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let mut data = self.varmap.data().lock().expect("varmap lock poisoned");
+        if let Some(v) = data.get(name) {
+            let t = v.as_tensor();
+            if t.shape() != &s {
+                candle_core::bail!(
+                    "variable {name} exists with shape {:?}, requested {:?}",
+                    t.dims(),
+                    s.dims()
+                );
+            }
+            return t.to_dtype(dtype);
+        }
+        let values = seeded_values(&s, h, self.seed, name);
+        let t = Tensor::from_vec(values, s, dev)?.to_dtype(dtype)?;
+        let var = candle_core::Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        data.insert(name.to_string(), var);
+        Ok(out)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, _dev: &Device) -> Result<Tensor> {
+        let data = self.varmap.data().lock().expect("varmap lock poisoned");
+        match data.get(name) {
+            Some(v) => v.as_tensor().to_dtype(dtype),
+            None => candle_core::bail!("variable {name} does not exist and has no shape hint"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.varmap
+            .data()
+            .lock()
+            .expect("varmap lock poisoned")
+            .contains_key(name)
+    }
+}
