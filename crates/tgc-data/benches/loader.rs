@@ -29,8 +29,16 @@ fn bench(c: &mut Criterion) {
     });
     for (name, pre, aug) in [
         ("loader_cpu_224_448", Preprocess::cpu(), Augment::off()),
-        ("loader_cpu_224_448_full_aug", Preprocess::cpu(), Augment::full()),
-        ("loader_paper_336_768", Preprocess::default(), Augment::off()),
+        (
+            "loader_cpu_224_448_full_aug",
+            Preprocess::cpu(),
+            Augment::full(),
+        ),
+        (
+            "loader_paper_336_768",
+            Preprocess::default(),
+            Augment::off(),
+        ),
     ] {
         let l = DataLoader::new(ds.clone(), pre, 8, Some(0), aug, Device::Cpu);
         g.bench_function(name, |b| {

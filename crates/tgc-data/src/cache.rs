@@ -94,7 +94,10 @@ impl FeatureCache {
             .map_err(|e| Error::io(&dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
-                let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let n = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 !n.starts_with(".tmp-") && n.ends_with(".safetensors")
             })
             .collect();
@@ -127,10 +130,16 @@ impl FeatureCache {
             .as_ref()
             .ok_or_else(|| bad("no metadata header (foreign safetensors file)".into()))?;
         if md.get("format").map(String::as_str) != Some(CACHE_FORMAT) {
-            return Err(bad(format!("format is {:?}, expected {CACHE_FORMAT:?}", md.get("format"))));
+            return Err(bad(format!(
+                "format is {:?}, expected {CACHE_FORMAT:?}",
+                md.get("format")
+            )));
         }
         if md.get("version").map(String::as_str) != Some(CACHE_VERSION) {
-            return Err(bad(format!("version is {:?}, expected {CACHE_VERSION:?}", md.get("version"))));
+            return Err(bad(format!(
+                "version is {:?}, expected {CACHE_VERSION:?}",
+                md.get("version")
+            )));
         }
         if md.get("model_id").map(String::as_str) != Some(self.model_id.as_str()) {
             return Err(bad(format!(
@@ -143,7 +152,10 @@ impl FeatureCache {
         let base = 8 + hlen;
         for (name, info) in meta.tensors() {
             if info.dtype != Dtype::F16 {
-                return Err(bad(format!("tensor {name} is {:?}, expected F16", info.dtype)));
+                return Err(bad(format!(
+                    "tensor {name} is {:?}, expected F16",
+                    info.dtype
+                )));
             }
             let (k, n) = name
                 .split_once('/')
@@ -193,7 +205,12 @@ impl FeatureCache {
     /// (e.g. [`crate::ImageF32::content_hash`] or BLAKE3 of the file bytes),
     /// `preprocess_id` e.g. [`crate::Preprocess::id`], `variant` the augmentation variant
     /// ([`crate::AugmentParams::variant`]). The model id is part of the key too.
-    pub fn key_for_image(&self, content_hash: &[u8], preprocess_id: &str, variant: u64) -> CacheKey {
+    pub fn key_for_image(
+        &self,
+        content_hash: &[u8],
+        preprocess_id: &str,
+        variant: u64,
+    ) -> CacheKey {
         let mut h = blake3::Hasher::new();
         h.update(b"image\0");
         h.update(self.model_id.as_bytes());
@@ -241,7 +258,8 @@ impl FeatureCache {
         let mut out = BTreeMap::new();
         for (name, loc) in entry {
             let bytes = &self.shards[loc.shard][loc.start..loc.end];
-            let t = Tensor::from_raw_buffer(bytes, DType::F16, &loc.shape, &Device::Cpu)?.to_dtype(DType::F32)?;
+            let t = Tensor::from_raw_buffer(bytes, DType::F16, &loc.shape, &Device::Cpu)?
+                .to_dtype(DType::F32)?;
             out.insert(name.clone(), t);
         }
         Ok(Some(out))
@@ -250,7 +268,10 @@ impl FeatureCache {
     /// Writes `entries` as one new shard (atomically) and indexes them. Keys already
     /// present (or repeated) are skipped. Tensors may be of any float dtype and on any
     /// device; they are stored as f16. Returns the number of keys written.
-    pub fn insert_many(&mut self, entries: Vec<(CacheKey, Vec<(String, Tensor)>)>) -> Result<usize> {
+    pub fn insert_many(
+        &mut self,
+        entries: Vec<(CacheKey, Vec<(String, Tensor)>)>,
+    ) -> Result<usize> {
         let mut seen = HashSet::new();
         let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for (key, tensors) in entries {
@@ -259,7 +280,9 @@ impl FeatureCache {
             }
             for (name, t) in tensors {
                 if name.contains('/') || name.is_empty() {
-                    return Err(Error::Msg(format!("feature name {name:?} must be non-empty without '/'")));
+                    return Err(Error::Msg(format!(
+                        "feature name {name:?} must be non-empty without '/'"
+                    )));
                 }
                 let shape = t.dims().to_vec();
                 let v = t
@@ -300,7 +323,11 @@ impl FeatureCache {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         self.counter += 1;
-        let name = format!("shard-{nanos:020}-{}-{:04}.safetensors", std::process::id(), self.counter);
+        let name = format!(
+            "shard-{nanos:020}-{}-{:04}.safetensors",
+            std::process::id(),
+            self.counter
+        );
         let final_path = self.dir.join(&name);
         let tmp = self.dir.join(format!(".tmp-{name}"));
         write_atomic(&tmp, &final_path, &bytes)?;
@@ -352,7 +379,11 @@ impl FeatureCache {
             let bytes: u64 = entries
                 .iter()
                 .map(|(_, ts)| {
-                    Self::estimate_entry_bytes(&ts.iter().map(|(_, t)| t.dims().to_vec()).collect::<Vec<_>>())
+                    Self::estimate_entry_bytes(
+                        &ts.iter()
+                            .map(|(_, t)| t.dims().to_vec())
+                            .collect::<Vec<_>>(),
+                    )
                 })
                 .sum();
             if bi == 0 {

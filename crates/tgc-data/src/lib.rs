@@ -55,9 +55,11 @@ pub use lvit::{read_image, read_mask, LvitDataset, LvitOptions, Split};
 pub use metrics::{dice_3d, MetricsSummary, SegMetrics};
 pub use phantom::{PhantomDetail, PhantomKind, SyntheticPhantoms};
 pub use sample::{ImageF32, Mask, Sample, SegDataset, SplitMix64, Subset};
-pub use text::{radiology_rewrite, read_captions, swap_left_right, AuxPromptSource, LvitCaption, Zone};
+pub use text::{
+    radiology_rewrite, read_captions, swap_left_right, AuxPromptSource, LvitCaption, Zone,
+};
 pub use transform::{Augment, AugmentParams, Prepared, Preprocess, CLIP_MEAN, CLIP_STD};
 pub use volume::{
-    header_affine, write_volume_u8, HuWindow, NiftiLayout, NiftiOptions, NiftiVolumeDataset, Orientation, Volume,
-    VolumeAssembler, ABDOMENCT1K_LABELS, WORD_LABELS,
+    header_affine, write_volume_u8, HuWindow, NiftiLayout, NiftiOptions, NiftiVolumeDataset,
+    Orientation, Volume, VolumeAssembler, ABDOMENCT1K_LABELS, WORD_LABELS,
 };

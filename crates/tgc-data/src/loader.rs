@@ -131,7 +131,8 @@ impl DataLoader {
     /// Iterates the batches of `epoch`.
     pub fn epoch(&self, epoch: usize) -> BatchIter {
         let order = self.order(epoch);
-        let mut chunks: Vec<Vec<usize>> = order.chunks(self.batch_size).map(|c| c.to_vec()).collect();
+        let mut chunks: Vec<Vec<usize>> =
+            order.chunks(self.batch_size).map(|c| c.to_vec()).collect();
         if self.drop_last && chunks.last().is_some_and(|c| c.len() < self.batch_size) {
             chunks.pop();
         }
@@ -139,7 +140,8 @@ impl DataLoader {
         let ds = self.dataset.clone();
         let pre = self.preprocess;
         let aug = self.augment;
-        let aug_seed = self.shuffle_seed.unwrap_or(0) ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407);
+        let aug_seed =
+            self.shuffle_seed.unwrap_or(0) ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407);
         let handle = std::thread::spawn(move || {
             for chunk in chunks {
                 let host: Result<Vec<Prepared>> = chunk
@@ -170,7 +172,7 @@ impl DataLoader {
     }
 }
 
-impl<'a> IntoIterator for &'a DataLoader {
+impl IntoIterator for &DataLoader {
     type Item = Result<Batch>;
     type IntoIter = BatchIter;
     fn into_iter(self) -> BatchIter {
@@ -210,7 +212,12 @@ impl Drop for BatchIter {
     }
 }
 
-fn to_batch(indices: Vec<usize>, host: Vec<Prepared>, p: &Preprocess, dev: &Device) -> Result<Batch> {
+fn to_batch(
+    indices: Vec<usize>,
+    host: Vec<Prepared>,
+    p: &Preprocess,
+    dev: &Device,
+) -> Result<Batch> {
     let b = host.len();
     let cat = |f: &dyn Fn(&Prepared) -> &Vec<f32>| {
         let mut v = Vec::with_capacity(b * f(&host[0]).len());

@@ -113,7 +113,10 @@ impl LvitDataset {
             let caption = cell(dc);
             let line = r + 2;
             if mask_name.is_empty() {
-                return Err(Error::file(&text_file, format!("row {line}: empty Image cell")));
+                return Err(Error::file(
+                    &text_file,
+                    format!("row {line}: empty Image cell"),
+                ));
             }
             if caption.is_empty() {
                 return Err(Error::file(
@@ -125,7 +128,10 @@ impl LvitDataset {
             if !mask.is_file() {
                 return Err(Error::file(
                     &mask,
-                    format!("missing mask (listed in {} row {line})", text_file.display()),
+                    format!(
+                        "missing mask (listed in {} row {line})",
+                        text_file.display()
+                    ),
                 ));
             }
             let stripped = mask_name.strip_prefix("mask_").unwrap_or(mask_name);
@@ -194,7 +200,10 @@ impl LvitDataset {
                 if (iw, ih) != (mw, mh) {
                     return Err(Error::file(
                         &e.mask,
-                        format!("size mismatch: mask {mw}x{mh}, image {} {iw}x{ih}", e.image.display()),
+                        format!(
+                            "size mismatch: mask {mw}x{mh}, image {} {iw}x{ih}",
+                            e.image.display()
+                        ),
                     ));
                 }
                 Ok((ih as usize, iw as usize))
@@ -241,7 +250,10 @@ fn find_text_file(root: &Path, folder: &Path, split: Split) -> Result<PathBuf> {
             }
         }
     }
-    Err(Error::file(folder, format!("no {s}_text.csv or {s}_text.xlsx found")))
+    Err(Error::file(
+        folder,
+        format!("no {s}_text.csv or {s}_text.xlsx found"),
+    ))
 }
 
 /// Decodes an image file to C x H x W in [0, 1]: grey (8/16 bit) stays 1 channel, colour
@@ -261,7 +273,11 @@ pub fn read_image(path: &Path) -> Result<ImageF32> {
             channels: 1,
             height: h,
             width: w,
-            data: g.into_raw().into_iter().map(|v| v as f32 / 65535.0).collect(),
+            data: g
+                .into_raw()
+                .into_iter()
+                .map(|v| v as f32 / 65535.0)
+                .collect(),
         },
         other => {
             let rgb = other.to_rgb8().into_raw();
@@ -296,7 +312,9 @@ pub fn read_mask(path: &Path) -> Result<Mask> {
     let img = decode(path)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let data = match img {
-        image::DynamicImage::ImageLuma8(g) => g.into_raw().into_iter().map(|v| (v > 0) as u8).collect(),
+        image::DynamicImage::ImageLuma8(g) => {
+            g.into_raw().into_iter().map(|v| (v > 0) as u8).collect()
+        }
         other => other
             .to_rgb16()
             .into_raw()

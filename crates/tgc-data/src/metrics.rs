@@ -120,14 +120,20 @@ impl SegMetrics {
             )));
         }
         let b = pred_probs.dims()[0];
-        let p = pred_probs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let t = target.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let p = pred_probs
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let t = target
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         self.update_slices(&p, &t, b)
     }
 
     /// Adds `n_images` images stored back to back in `pred` and `target`.
     pub fn update_slices(&mut self, pred: &[f32], target: &[f32], n_images: usize) -> Result<()> {
-        if pred.len() != target.len() || n_images == 0 || pred.len() % n_images != 0 {
+        if pred.len() != target.len() || n_images == 0 || !pred.len().is_multiple_of(n_images) {
             return Err(Error::Msg(format!(
                 "SegMetrics: {} predictions, {} targets, {n_images} images",
                 pred.len(),
@@ -159,7 +165,12 @@ impl SegMetrics {
     /// Adds one volume's binary prediction and ground truth of one organ (same length,
     /// any order as long as it is the same). Returns the volume's Dice, or None when the
     /// organ is absent from both (then nothing is recorded).
-    pub fn update_volume(&mut self, organ: &str, pred: &[bool], target: &[bool]) -> Result<Option<f64>> {
+    pub fn update_volume(
+        &mut self,
+        organ: &str,
+        pred: &[bool],
+        target: &[bool],
+    ) -> Result<Option<f64>> {
         if pred.len() != target.len() {
             return Err(Error::Msg(format!(
                 "SegMetrics::update_volume({organ}): {} predicted voxels, {} target voxels",
@@ -176,7 +187,12 @@ impl SegMetrics {
 
     /// Adds a predicted and a ground-truth label map of one volume for each `(label id,
     /// organ name)`.
-    pub fn update_label_volume(&mut self, pred: &[u8], target: &[u8], organs: &[(u8, String)]) -> Result<()> {
+    pub fn update_label_volume(
+        &mut self,
+        pred: &[u8],
+        target: &[u8],
+        organs: &[(u8, String)],
+    ) -> Result<()> {
         for (id, name) in organs {
             let p: Vec<bool> = pred.iter().map(|&v| v == *id).collect();
             let t: Vec<bool> = target.iter().map(|&v| v == *id).collect();

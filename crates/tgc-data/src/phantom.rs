@@ -88,7 +88,12 @@ impl SyntheticPhantoms {
         let ct = self.kind == PhantomKind::CtSlice;
         let j = |rng: &mut SplitMix64, a: f64| rng.range(-a, a);
         // Anatomy. Lung 0 is on the image left = the patient's right lung.
-        let body = (0.5 + j(&mut rng, 0.01), 0.5 + j(&mut rng, 0.01), 0.46 + j(&mut rng, 0.02), if ct { 0.36 } else { 0.5 } + j(&mut rng, 0.02));
+        let body = (
+            0.5 + j(&mut rng, 0.01),
+            0.5 + j(&mut rng, 0.01),
+            0.46 + j(&mut rng, 0.02),
+            if ct { 0.36 } else { 0.5 } + j(&mut rng, 0.02),
+        );
         let lung_ay = if ct { 0.24 } else { 0.30 } + j(&mut rng, 0.02);
         let lungs: Vec<(f64, f64, f64, f64)> = (0..2)
             .map(|k| {
@@ -102,7 +107,8 @@ impl SyntheticPhantoms {
             })
             .collect();
         // Candidate cells: (lung index, zone index), distinct.
-        let mut cells: Vec<(usize, usize)> = (0..2).flat_map(|l| (0..3).map(move |z| (l, z))).collect();
+        let mut cells: Vec<(usize, usize)> =
+            (0..2).flat_map(|l| (0..3).map(move |z| (l, z))).collect();
         rng.shuffle(&mut cells);
         let n_cand = 2 + rng.below(3);
         let cells = &cells[..n_cand];

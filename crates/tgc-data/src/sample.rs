@@ -196,7 +196,11 @@ impl<D: SegDataset> Subset<D> {
     /// The samples `indices` of `inner` (out-of-range indices are errors at `get`).
     pub fn new(inner: D, indices: Vec<usize>) -> Self {
         let name = format!("{}[subset {}]", inner.name(), indices.len());
-        Self { inner, indices, name }
+        Self {
+            inner,
+            indices,
+            name,
+        }
     }
 }
 

@@ -255,9 +255,15 @@ impl AuxPromptSource {
                 let v: serde_json::Value = serde_json::from_str(line)
                     .map_err(|e| Error::file(path, format!("line {}: {e}", ln + 1)))?;
                 let get = |k: &str| {
-                    v.get(k).and_then(|x| x.as_str()).map(str::to_string).ok_or_else(|| {
-                        Error::file(path, format!("line {}: missing string field {k:?}", ln + 1))
-                    })
+                    v.get(k)
+                        .and_then(|x| x.as_str())
+                        .map(str::to_string)
+                        .ok_or_else(|| {
+                            Error::file(
+                                path,
+                                format!("line {}: missing string field {k:?}", ln + 1),
+                            )
+                        })
                 };
                 map.insert(get("caption")?, get("aux")?);
             }
@@ -288,7 +294,9 @@ impl AuxPromptSource {
             AuxPromptSource::Map { path, map } => Some(
                 map.get(caption)
                     .or_else(|| map.get(caption.trim()))
-                    .ok_or_else(|| Error::file(path, format!("no auxiliary prompt for caption {caption:?}")))?
+                    .ok_or_else(|| {
+                        Error::file(path, format!("no auxiliary prompt for caption {caption:?}"))
+                    })?
                     .clone(),
             ),
             AuxPromptSource::Rewriter(m) => Some(radiology_rewrite(caption, m)),
@@ -303,8 +311,7 @@ pub fn read_captions(path: impl AsRef<Path>) -> Result<Vec<(String, String)>> {
     let t = read_table(path)?;
     let ic = t.column(path, "Image")?;
     let dc = t.column(path, "Description")?;
-    Ok(t
-        .rows
+    Ok(t.rows
         .iter()
         .map(|r| {
             let c = |i: usize| r.get(i).map(|s| s.trim().to_string()).unwrap_or_default();

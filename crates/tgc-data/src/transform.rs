@@ -20,9 +20,11 @@ use crate::sample::{Sample, SplitMix64};
 use crate::text::swap_left_right;
 
 /// CLIP's image mean (OpenAI).
+#[allow(clippy::excessive_precision)] // the published constants, verbatim
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// CLIP's image std (OpenAI).
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
+#[allow(clippy::excessive_precision)] // the published constants, verbatim
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// The input geometry of the model.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

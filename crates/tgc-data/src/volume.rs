@@ -109,9 +109,9 @@ impl Orientation {
     #[inline]
     pub fn voxel_index(&self, dims: [usize; 3], disp: [usize; 3]) -> usize {
         let mut v = [0usize; 3];
-        for d in 0..3 {
+        for (d, &x) in disp.iter().enumerate() {
             let ax = self.perm[d];
-            v[ax] = if self.flip[d] { dims[ax] - 1 - disp[d] } else { disp[d] };
+            v[ax] = if self.flip[d] { dims[ax] - 1 - x } else { x };
         }
         v[0] + dims[0] * (v[1] + dims[1] * v[2])
     }
@@ -141,9 +141,21 @@ pub fn header_affine(h: &NiftiHeader) -> [[f64; 4]; 4] {
         let (b, c, d) = (h.quatern_b as f64, h.quatern_c as f64, h.quatern_d as f64);
         let a0 = (1.0 - (b * b + c * c + d * d)).max(0.0).sqrt();
         let r = [
-            [a0 * a0 + b * b - c * c - d * d, 2.0 * (b * c - a0 * d), 2.0 * (b * d + a0 * c)],
-            [2.0 * (b * c + a0 * d), a0 * a0 + c * c - b * b - d * d, 2.0 * (c * d - a0 * b)],
-            [2.0 * (b * d - a0 * c), 2.0 * (c * d + a0 * b), a0 * a0 + d * d - b * b - c * c],
+            [
+                a0 * a0 + b * b - c * c - d * d,
+                2.0 * (b * c - a0 * d),
+                2.0 * (b * d + a0 * c),
+            ],
+            [
+                2.0 * (b * c + a0 * d),
+                a0 * a0 + c * c - b * b - d * d,
+                2.0 * (c * d - a0 * b),
+            ],
+            [
+                2.0 * (b * d - a0 * c),
+                2.0 * (c * d + a0 * b),
+                a0 * a0 + d * d - b * b - c * c,
+            ],
         ];
         let qfac = if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
         let s = [px(1), px(2), px(3) * qfac];
@@ -157,8 +169,8 @@ pub fn header_affine(h: &NiftiHeader) -> [[f64; 4]; 4] {
         a[2][3] = h.quatern_z as f64;
         return a;
     }
-    for i in 0..3 {
-        a[i][i] = px(i + 1);
+    for (i, row) in a.iter_mut().take(3).enumerate() {
+        row[i] = px(i + 1);
     }
     a
 }
@@ -195,12 +207,17 @@ impl Volume {
             .map_err(|e| Error::file(path, format!("unreadable NIfTI data: {e}")))?;
         let shape = arr.shape().to_vec();
         if shape.len() < 3 || shape[3..].iter().any(|&d| d != 1) {
-            return Err(Error::file(path, format!("expected a 3D volume, got shape {shape:?}")));
+            return Err(Error::file(
+                path,
+                format!("expected a 3D volume, got shape {shape:?}"),
+            ));
         }
         let dims = [shape[0], shape[1], shape[2]];
-        let arr = arr
-            .into_shape_with_order(dims.to_vec())
-            .map_err(|e| Error::file(path, format!("reshape: {e}")))?;
+        let mut arr = arr;
+        while arr.ndim() > 3 {
+            let last = ndarray::Axis(arr.ndim() - 1);
+            arr = arr.index_axis_move(last, 0);
+        }
         // Logical iteration of the transposed array visits i fastest: file order.
         let data: Vec<f32> = arr.t().iter().copied().collect();
         let orientation = Orientation::from_affine(&header_affine(&header));
@@ -233,11 +250,21 @@ impl Volume {
 
 /// Writes `data` (voxel order, as [`Volume::data`]) as a NIfTI file with `reference`'s
 /// header (affine, spacing, descriptions); `.nii.gz` paths are compressed.
-pub fn write_volume_u8(path: impl AsRef<Path>, reference: &NiftiHeader, dims: [usize; 3], data: &[u8]) -> Result<()> {
+pub fn write_volume_u8(
+    path: impl AsRef<Path>,
+    reference: &NiftiHeader,
+    dims: [usize; 3],
+    data: &[u8],
+) -> Result<()> {
     use ndarray::ShapeBuilder;
     let path = path.as_ref();
     let arr = ndarray::Array3::from_shape_vec((dims[0], dims[1], dims[2]).f(), data.to_vec())
-        .map_err(|e| Error::file(path, format!("volume data does not match dims {dims:?}: {e}")))?;
+        .map_err(|e| {
+            Error::file(
+                path,
+                format!("volume data does not match dims {dims:?}: {e}"),
+            )
+        })?;
     nifti::writer::WriterOptions::new(path)
         .reference_header(reference)
         .write_nifti(&arr)
@@ -308,7 +335,8 @@ pub const WORD_LABELS: [(u8, &str); 16] = [
 ];
 
 /// AbdomenCT-1k's label table.
-pub const ABDOMENCT1K_LABELS: [(u8, &str); 4] = [(1, "liver"), (2, "kidney"), (3, "spleen"), (4, "pancreas")];
+pub const ABDOMENCT1K_LABELS: [(u8, &str); 4] =
+    [(1, "liver"), (2, "kidney"), (3, "spleen"), (4, "pancreas")];
 
 struct Loaded {
     /// Windowed image, display order: slice-major, then row, then column.
@@ -348,7 +376,10 @@ fn list_nii(dir: &Path) -> Result<Vec<PathBuf>> {
         .map_err(|e| Error::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             !n.starts_with('.') && (n.ends_with(".nii") || n.ends_with(".nii.gz"))
         })
         .collect();
@@ -358,7 +389,8 @@ fn list_nii(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn labels_from_dataset_json(path: &Path) -> Result<Vec<(u8, String)>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
     let labels = v
         .get("labels")
         .and_then(|l| l.as_object())
@@ -392,20 +424,31 @@ impl NiftiVolumeDataset {
                 let labels = if json.is_file() {
                     labels_from_dataset_json(&json)?
                 } else if layout == NiftiLayout::Word {
-                    WORD_LABELS.iter().map(|(i, n)| (*i, n.to_string())).collect()
+                    WORD_LABELS
+                        .iter()
+                        .map(|(i, n)| (*i, n.to_string()))
+                        .collect()
                 } else {
                     return Err(Error::file(&json, "missing dataset.json (MSD layout)"));
                 };
                 let mut pairs = Vec::new();
                 for img in list_nii(&img_dir)? {
-                    let fname = img.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    let fname = img
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
                     // nnU-Net style "case_0000.nii.gz" images have "case.nii.gz" labels.
                     let candidates = [fname.clone(), fname.replace("_0000.nii", ".nii")];
                     let lbl = candidates
                         .iter()
                         .map(|n| lbl_dir.join(n))
                         .find(|p| p.is_file())
-                        .ok_or_else(|| Error::file(lbl_dir.join(&fname), format!("missing label for image {}", img.display())))?;
+                        .ok_or_else(|| {
+                            Error::file(
+                                lbl_dir.join(&fname),
+                                format!("missing label for image {}", img.display()),
+                            )
+                        })?;
                     pairs.push((img, lbl));
                 }
                 (pairs, labels)
@@ -415,20 +458,35 @@ impl NiftiVolumeDataset {
                 let lbl_dir = root.join("Mask");
                 let mut pairs = Vec::new();
                 for img in list_nii(&img_dir)? {
-                    let fname = img.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    let fname = img
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
                     let lbl = lbl_dir.join(fname.replace("_0000.nii", ".nii"));
                     if !lbl.is_file() {
-                        return Err(Error::file(&lbl, format!("missing mask for image {}", img.display())));
+                        return Err(Error::file(
+                            &lbl,
+                            format!("missing mask for image {}", img.display()),
+                        ));
                     }
                     pairs.push((img, lbl));
                 }
-                (pairs, ABDOMENCT1K_LABELS.iter().map(|(i, n)| (*i, n.to_string())).collect())
+                (
+                    pairs,
+                    ABDOMENCT1K_LABELS
+                        .iter()
+                        .map(|(i, n)| (*i, n.to_string()))
+                        .collect(),
+                )
             }
         };
         if pairs.is_empty() {
             return Err(Error::file(root, "no NIfTI image/label pairs found"));
         }
-        let name = root.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "nifti".into());
+        let name = root
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "nifti".into());
         Self::from_pairs(name, pairs, labels, opts)
     }
 
@@ -449,7 +507,9 @@ impl NiftiVolumeDataset {
                         .iter()
                         .find(|(_, n)| n.eq_ignore_ascii_case(w))
                         .cloned()
-                        .ok_or_else(|| Error::Msg(format!("organ {w:?} is not in the label table {labels:?}")))
+                        .ok_or_else(|| {
+                            Error::Msg(format!("organ {w:?} is not in the label table {labels:?}"))
+                        })
                 })
                 .collect::<Result<_>>()?,
         };
@@ -460,7 +520,13 @@ impl NiftiVolumeDataset {
             let dims = header_dims(img, &h)?;
             let dl = header_dims(lbl, &hl)?;
             if dims != dl {
-                return Err(Error::file(lbl, format!("size mismatch: label {dl:?}, image {} {dims:?}", img.display())));
+                return Err(Error::file(
+                    lbl,
+                    format!(
+                        "size mismatch: label {dl:?}, image {} {dims:?}",
+                        img.display()
+                    ),
+                ));
             }
             let o = Orientation::from_affine(&header_affine(&h));
             meta.push((h, dims, o));
@@ -538,7 +604,10 @@ impl NiftiVolumeDataset {
 
     fn load(&self, v: usize) -> Result<Arc<Loaded>> {
         {
-            let mut c = self.cache.lock().map_err(|_| Error::Msg("volume cache poisoned".into()))?;
+            let mut c = self
+                .cache
+                .lock()
+                .map_err(|_| Error::Msg("volume cache poisoned".into()))?;
             if let Some(pos) = c.iter().position(|(i, _)| *i == v) {
                 let e = c.remove(pos);
                 let l = e.1.clone();
@@ -550,7 +619,10 @@ impl NiftiVolumeDataset {
         let img = Volume::read(img_p)?;
         let lbl = Volume::read(lbl_p)?;
         if img.dims != lbl.dims {
-            return Err(Error::file(lbl_p, format!("size mismatch: label {:?}, image {:?}", lbl.dims, img.dims)));
+            return Err(Error::file(
+                lbl_p,
+                format!("size mismatch: label {:?}, image {:?}", lbl.dims, img.dims),
+            ));
         }
         // Both use the image's orientation so they stay voxel-aligned.
         let o = img.orientation;
@@ -567,7 +639,10 @@ impl NiftiVolumeDataset {
             }
         }
         let l = Arc::new(Loaded { image, labels });
-        let mut c = self.cache.lock().map_err(|_| Error::Msg("volume cache poisoned".into()))?;
+        let mut c = self
+            .cache
+            .lock()
+            .map_err(|_| Error::Msg("volume cache poisoned".into()))?;
         c.push((v, l.clone()));
         while c.len() > self.opts.cached_volumes.max(1) {
             c.remove(0);
@@ -584,9 +659,14 @@ fn read_header(p: &Path) -> Result<NiftiHeader> {
 }
 
 fn header_dims(p: &Path, h: &NiftiHeader) -> Result<[usize; 3]> {
-    let d = h.dim().map_err(|e| Error::file(p, format!("bad dims: {e}")))?;
+    let d = h
+        .dim()
+        .map_err(|e| Error::file(p, format!("bad dims: {e}")))?;
     if d.len() < 3 || d[3..].iter().any(|&x| x != 1) {
-        return Err(Error::file(p, format!("expected a 3D volume, got dims {d:?}")));
+        return Err(Error::file(
+            p,
+            format!("expected a 3D volume, got dims {d:?}"),
+        ));
     }
     Ok([d[0] as usize, d[1] as usize, d[2] as usize])
 }
@@ -607,8 +687,15 @@ impl SegDataset for NiftiVolumeDataset {
         let [w, h, _] = o.display_dims(*dims);
         let range = k * w * h..(k + 1) * w * h;
         let (id, organ) = &self.organs[oi];
-        let mask = l.labels[range.clone()].iter().map(|&x| (x == *id) as u8).collect();
-        let stem = self.pairs[v].0.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let mask = l.labels[range.clone()]
+            .iter()
+            .map(|&x| (x == *id) as u8)
+            .collect();
+        let stem = self.pairs[v]
+            .0
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         Ok(Sample {
             id: format!("{stem}:{k}:{organ}"),
             image: ImageF32::grey(h, w, l.image[range].to_vec())?,
@@ -653,7 +740,14 @@ impl VolumeAssembler {
 
     /// Adds the probabilities (`ph` x `pw`, row-major, display orientation) of organ
     /// index `organ` on slice `k`; resized to the slice grid by nearest neighbour.
-    pub fn add_slice(&mut self, k: usize, organ: usize, probs: &[f32], ph: usize, pw: usize) -> Result<()> {
+    pub fn add_slice(
+        &mut self,
+        k: usize,
+        organ: usize,
+        probs: &[f32],
+        ph: usize,
+        pw: usize,
+    ) -> Result<()> {
         let [w, h, n] = self.orientation.display_dims(self.dims);
         if k >= n || organ >= self.organs.len() || probs.len() != ph * pw || ph == 0 || pw == 0 {
             return Err(Error::Msg(format!(
@@ -697,7 +791,8 @@ impl VolumeAssembler {
         for k in 0..n {
             for r in 0..h {
                 for c in 0..w {
-                    out[self.orientation.voxel_index(self.dims, [c, r, k])] = display[(k * h + r) * w + c];
+                    out[self.orientation.voxel_index(self.dims, [c, r, k])] =
+                        display[(k * h + r) * w + c];
                 }
             }
         }
@@ -712,7 +807,12 @@ impl VolumeAssembler {
 
     /// Per-organ 3D Dice of the current label map against `ds`'s ground truth of volume
     /// `v`, added to `metrics`.
-    pub fn score(&self, ds: &NiftiVolumeDataset, v: usize, metrics: &mut crate::SegMetrics) -> Result<BTreeMap<String, Option<f64>>> {
+    pub fn score(
+        &self,
+        ds: &NiftiVolumeDataset,
+        v: usize,
+        metrics: &mut crate::SegMetrics,
+    ) -> Result<BTreeMap<String, Option<f64>>> {
         let gt = ds.label_volume(v)?;
         let pred = self.label_map();
         let mut out = BTreeMap::new();

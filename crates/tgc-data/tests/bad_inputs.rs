@@ -5,7 +5,9 @@ use std::path::Path;
 use tgc_data::*;
 
 fn png(path: &Path, w: u32, h: u32, v: u8) {
-    image::GrayImage::from_pixel(w, h, image::Luma([v])).save(path).unwrap();
+    image::GrayImage::from_pixel(w, h, image::Luma([v]))
+        .save(path)
+        .unwrap();
 }
 
 /// A valid one-sample LViT Train folder; returns the root.
@@ -22,7 +24,11 @@ fn lvit(dir: &Path, csv: &str) -> std::path::PathBuf {
 
 const GOOD: &str = "Image,Description\nmask_a.png,\"unilateral pulmonary infection, one infected area, lower left lung.\"\n";
 
-type Case = (&'static str, Box<dyn Fn(&Path) -> Result<()>>, [&'static str; 2]);
+type Case = (
+    &'static str,
+    Box<dyn Fn(&Path) -> Result<()>>,
+    [&'static str; 2],
+);
 
 #[test]
 fn bad_inputs_give_clear_errors() {
@@ -87,12 +93,21 @@ fn bad_inputs_give_clear_errors() {
         ),
         (
             "empty caption",
-            Box::new(|d| LvitDataset::open(lvit(d, "Image,Description\nmask_a.png,\"  \"\n"), Split::Train).map(|_| ())),
+            Box::new(|d| {
+                LvitDataset::open(
+                    lvit(d, "Image,Description\nmask_a.png,\"  \"\n"),
+                    Split::Train,
+                )
+                .map(|_| ())
+            }),
             ["Train_text.csv", "empty caption"],
         ),
         (
             "unknown column",
-            Box::new(|d| LvitDataset::open(lvit(d, "Image,Text\nmask_a.png,hello\n"), Split::Train).map(|_| ())),
+            Box::new(|d| {
+                LvitDataset::open(lvit(d, "Image,Text\nmask_a.png,hello\n"), Split::Train)
+                    .map(|_| ())
+            }),
             ["Train_text.csv", "missing column \"Description\""],
         ),
         (
@@ -107,7 +122,8 @@ fn bad_inputs_give_clear_errors() {
         (
             "truncated .nii.gz",
             Box::new(|d| {
-                let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/ct-example/example_seg.nii.gz");
+                let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../../shared/data/ct-example/example_seg.nii.gz");
                 let b = std::fs::read(src).unwrap();
                 let p = d.join("broken.nii.gz");
                 std::fs::write(&p, &b[..b.len() / 3]).unwrap();
@@ -121,7 +137,17 @@ fn bad_inputs_give_clear_errors() {
                 let dir = d.join("cache");
                 let mut c = FeatureCache::open(&dir, "m")?;
                 let k = c.key_for_text("x");
-                c.insert_many(vec![(k, vec![("f".into(), candle_core::Tensor::ones(64, candle_core::DType::F32, &candle_core::Device::Cpu)?)])])?;
+                c.insert_many(vec![(
+                    k,
+                    vec![(
+                        "f".into(),
+                        candle_core::Tensor::ones(
+                            64,
+                            candle_core::DType::F32,
+                            &candle_core::Device::Cpu,
+                        )?,
+                    )],
+                )])?;
                 let shard = c.shard_paths()[0].clone();
                 drop(c);
                 let b = std::fs::read(&shard).unwrap();
@@ -135,7 +161,11 @@ fn bad_inputs_give_clear_errors() {
             Box::new(|d| {
                 let dir = d.join("cache2");
                 std::fs::create_dir_all(&dir).unwrap();
-                let t = candle_core::Tensor::zeros(4, candle_core::DType::F16, &candle_core::Device::Cpu)?;
+                let t = candle_core::Tensor::zeros(
+                    4,
+                    candle_core::DType::F16,
+                    &candle_core::Device::Cpu,
+                )?;
                 t.save_safetensors("w", dir.join("weights.safetensors"))?;
                 FeatureCache::open(&dir, "m").map(|_| ())
             }),
@@ -151,7 +181,10 @@ fn bad_inputs_give_clear_errors() {
             Ok(Err(e)) => e.to_string(),
         };
         for w in want {
-            assert!(err.contains(w), "{name}: error {err:?} does not contain {w:?}");
+            assert!(
+                err.contains(w),
+                "{name}: error {err:?} does not contain {w:?}"
+            );
         }
     }
 }

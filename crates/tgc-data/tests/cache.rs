@@ -8,7 +8,10 @@ fn feats(seed: u64) -> Vec<(String, Tensor)> {
     let a: Vec<f32> = (0..2 * 3 * 5).map(|_| r.range(-8.0, 8.0) as f32).collect();
     let b: Vec<f32> = (0..7).map(|_| r.normal() as f32).collect();
     vec![
-        ("patch".into(), Tensor::from_vec(a, (2, 3, 5), &Device::Cpu).unwrap()),
+        (
+            "patch".into(),
+            Tensor::from_vec(a, (2, 3, 5), &Device::Cpu).unwrap(),
+        ),
         ("cls".into(), Tensor::from_vec(b, 7, &Device::Cpu).unwrap()),
     ]
 }
@@ -35,8 +38,14 @@ fn round_trip_reopen_and_keys() {
     assert_ne!(k0, k1);
     assert_ne!(k0, c.key_for_image(&img.content_hash(), "pre2", 0));
     assert_ne!(kt, c.key_for_tokens(&[1, 2]));
-    assert_eq!(c.insert_many(vec![(k0, feats(0)), (k1, feats(1))]).unwrap(), 2);
-    assert_eq!(c.insert_many(vec![(kt, feats(2)), (k0, feats(9))]).unwrap(), 1);
+    assert_eq!(
+        c.insert_many(vec![(k0, feats(0)), (k1, feats(1))]).unwrap(),
+        2
+    );
+    assert_eq!(
+        c.insert_many(vec![(kt, feats(2)), (k0, feats(9))]).unwrap(),
+        1
+    );
     assert_eq!(c.shard_paths().len(), 2);
     drop(c);
     let c = FeatureCache::open(dir.path(), "clip-test").unwrap();
@@ -64,7 +73,11 @@ fn leftover_temp_file_is_ignored() {
     drop(c);
     // A crash mid-write leaves a partial temp file: it must not be read.
     let bytes = std::fs::read(&shard).unwrap();
-    std::fs::write(dir.path().join(".tmp-shard-crashed.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(
+        dir.path().join(".tmp-shard-crashed.safetensors"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
     let c = FeatureCache::open(dir.path(), "m").unwrap();
     assert_eq!(c.len(), 1);
     assert_eq!(c.shard_paths(), &[shard]);
@@ -75,11 +88,17 @@ fn leftover_temp_file_is_ignored() {
 fn foreign_model_id_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = FeatureCache::open(dir.path(), "model-a").unwrap();
-    c.insert_many(vec![(c.key_for_text("a"), feats(4))]).unwrap();
+    c.insert_many(vec![(c.key_for_text("a"), feats(4))])
+        .unwrap();
     let shard = c.shard_paths()[0].clone();
     drop(c);
-    let err = FeatureCache::open(dir.path(), "model-b").unwrap_err().to_string();
-    assert!(err.contains(shard.file_name().unwrap().to_str().unwrap()), "{err}");
+    let err = FeatureCache::open(dir.path(), "model-b")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(shard.file_name().unwrap().to_str().unwrap()),
+        "{err}"
+    );
     assert!(err.contains("model id is Some(\"model-a\")"), "{err}");
 }
 
@@ -93,7 +112,14 @@ fn build_from_loader() {
         cnn_size: 16,
         label_size: 16,
     };
-    let loader = DataLoader::new(std::sync::Arc::new(ds), pre, 4, None, Augment::off(), Device::Cpu);
+    let loader = DataLoader::new(
+        std::sync::Arc::new(ds),
+        pre,
+        4,
+        None,
+        Augment::off(),
+        Device::Cpu,
+    );
     let pid = pre.id();
     let keyer = FeatureCache::open(tempfile::tempdir().unwrap().path(), "m").unwrap();
     let n = c
@@ -116,5 +142,8 @@ fn build_from_loader() {
     let b = loader.iter().next().unwrap().unwrap();
     let k = c.key_for_image(&b.image_hashes[2], &pid, 0);
     let got = c.get(&k).unwrap().unwrap();
-    assert_close(&got["mean"], &b.clip_images.mean(1).unwrap().get(2).unwrap());
+    assert_close(
+        &got["mean"],
+        &b.clip_images.mean(1).unwrap().get(2).unwrap(),
+    );
 }

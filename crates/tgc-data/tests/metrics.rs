@@ -13,8 +13,18 @@ fn per_image_and_micro_by_hand() {
     // target {0, 2}. |P∩G| = 1, |P| = 2, |G| = 2: Dice = 2/(4+1e-5), IoU = 1/3.
     // Image 2: pred {3}, target {} : Dice 0, IoU 0/1 = 0.
     // Image 3: both empty: Dice 0 (formula), IoU defined 0.
-    let p = t(&[0.9, 0.6, 0.2, 0.5, 0.0, 0.0, 0.0, 0.7, 0.1, 0.1, 0.1, 0.1], 3, 2, 2);
-    let g = t(&[1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 3, 2, 2);
+    let p = t(
+        &[0.9, 0.6, 0.2, 0.5, 0.0, 0.0, 0.0, 0.7, 0.1, 0.1, 0.1, 0.1],
+        3,
+        2,
+        2,
+    );
+    let g = t(
+        &[1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        3,
+        2,
+        2,
+    );
     let mut m = SegMetrics::new();
     m.update(&p, &g).unwrap();
     let s = m.summary();
@@ -29,17 +39,24 @@ fn per_image_and_micro_by_hand() {
     // Logit threshold 0: the same decisions from logits.
     let logits = t(&[2.0, 0.4, -1.0, 0.0], 1, 2, 2);
     let mut ml = SegMetrics::for_logits();
-    ml.update(&logits, &t(&[1.0, 0.0, 1.0, 0.0], 1, 2, 2)).unwrap();
+    ml.update(&logits, &t(&[1.0, 0.0, 1.0, 0.0], 1, 2, 2))
+        .unwrap();
     assert!((ml.summary().dice - d1).abs() < 1e-12);
 
     // Accumulates across updates: perfect image added -> mean of (d1, 0, 0, ~1).
-    m.update(&t(&[1.0, 0.0, 0.0, 0.0], 1, 2, 2), &t(&[1.0, 0.0, 0.0, 0.0], 1, 2, 2)).unwrap();
+    m.update(
+        &t(&[1.0, 0.0, 0.0, 0.0], 1, 2, 2),
+        &t(&[1.0, 0.0, 0.0, 0.0], 1, 2, 2),
+    )
+    .unwrap();
     let s = m.summary();
     assert!((s.dice - (d1 + 2.0 / (2.0 + 1e-5)) / 4.0).abs() < 1e-12);
     assert!((s.iou - (1.0 / 3.0 + 1.0) / 4.0).abs() < 1e-12);
 
     // Shape mismatch is an error, not a panic.
-    assert!(m.update(&t(&[0.0; 4], 1, 2, 2), &t(&[0.0; 8], 2, 2, 2)).is_err());
+    assert!(m
+        .update(&t(&[0.0; 4], 1, 2, 2), &t(&[0.0; 8], 2, 2, 2))
+        .is_err());
 }
 
 #[test]
@@ -50,12 +67,20 @@ fn volume_dice_by_hand() {
     let g = [false, true, true, true, true];
     assert_eq!(m.update_volume("a", &p, &g).unwrap(), Some(4.0 / 7.0));
     // Second volume of "a": absent from both -> skipped.
-    assert_eq!(m.update_volume("a", &[false; 5], &[false; 5]).unwrap(), None);
+    assert_eq!(
+        m.update_volume("a", &[false; 5], &[false; 5]).unwrap(),
+        None
+    );
     // Third volume of "a": perfect.
     assert_eq!(m.update_volume("a", &g, &g).unwrap(), Some(1.0));
     // Organ "b" via label maps: pred labels [2,2,0,0], gt [2,0,0,0] -> 2/3; label 3
     // ("c") predicted but absent -> 0.
-    m.update_label_volume(&[2, 2, 0, 3], &[2, 0, 0, 0], &[(2, "b".into()), (3, "c".into())]).unwrap();
+    m.update_label_volume(
+        &[2, 2, 0, 3],
+        &[2, 0, 0, 0],
+        &[(2, "b".into()), (3, "c".into())],
+    )
+    .unwrap();
     let s = m.summary();
     assert!((s.organ_dice["a"] - (4.0 / 7.0 + 1.0) / 2.0).abs() < 1e-12);
     assert!((s.organ_dice["b"] - 2.0 / 3.0).abs() < 1e-12);

@@ -16,7 +16,13 @@ fn phantoms_are_deterministic() {
         for i in 0..20 {
             let (x, y, z) = (a.get(i).unwrap(), b.get(i).unwrap(), c.get(i).unwrap());
             // Same seed: identical bytes.
-            let bytes = |s: &Sample| s.image.data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+            let bytes = |s: &Sample| {
+                s.image
+                    .data
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>()
+            };
             assert_eq!(bytes(&x), bytes(&y));
             assert_eq!(x.mask, y.mask);
             assert_eq!(x.caption, y.caption);
@@ -39,7 +45,12 @@ fn caption_decides_the_target() {
         // The mask is exactly the union of the named candidates and no distractor pixel.
         for (c, &t) in d.candidates.iter().zip(&d.target) {
             assert!(c.count() > 20, "lesion too small in {i}");
-            let inside = c.data.iter().zip(&s.mask.data).filter(|(a, b)| **a == 1 && **b == 1).count();
+            let inside = c
+                .data
+                .iter()
+                .zip(&s.mask.data)
+                .filter(|(a, b)| **a == 1 && **b == 1)
+                .count();
             if t {
                 assert_eq!(inside, c.count());
             } else {
@@ -56,7 +67,13 @@ fn caption_decides_the_target() {
             if !t {
                 continue;
             }
-            let cx: f64 = c.data.iter().enumerate().filter(|(_, &v)| v == 1).map(|(j, _)| (j % 64) as f64).sum::<f64>()
+            let cx: f64 = c
+                .data
+                .iter()
+                .enumerate()
+                .filter(|(_, &v)| v == 1)
+                .map(|(j, _)| (j % 64) as f64)
+                .sum::<f64>()
                 / c.count() as f64;
             if cx > 32.0 {
                 left += 1
@@ -64,7 +81,12 @@ fn caption_decides_the_target() {
                 right += 1
             }
         }
-        assert_eq!((left, right), (p.left.len(), p.right.len()), "sample {i}: {}", s.caption);
+        assert_eq!(
+            (left, right),
+            (p.left.len(), p.right.len()),
+            "sample {i}: {}",
+            s.caption
+        );
     }
     assert!(captions.len() > 20, "captions vary: {}", captions.len());
 }
@@ -82,7 +104,10 @@ fn loader_shapes_determinism_and_flip() {
     let e0: Vec<Batch> = l.epoch(0).map(|b| b.unwrap()).collect();
     let e0b: Vec<Batch> = l.epoch(0).map(|b| b.unwrap()).collect();
     let e1: Vec<Batch> = l.epoch(1).map(|b| b.unwrap()).collect();
-    assert_eq!(e0.iter().map(|b| b.len()).collect::<Vec<_>>(), vec![4, 4, 2]);
+    assert_eq!(
+        e0.iter().map(|b| b.len()).collect::<Vec<_>>(),
+        vec![4, 4, 2]
+    );
     assert_eq!(e0[0].clip_images.dims(), &[4, 3, 16, 16]);
     assert_eq!(e0[0].cnn_images.dims(), &[4, 3, 32, 32]);
     assert_eq!(e0[0].masks.dims(), &[4, 1, 32, 32]);
@@ -93,8 +118,18 @@ fn loader_shapes_determinism_and_flip() {
     sorted.sort();
     assert_eq!(sorted, (0..10).collect::<Vec<_>>());
     for (a, b) in e0.iter().zip(&e0b) {
-        let x = a.cnn_images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let y = b.cnn_images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let x = a
+            .cnn_images
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let y = b
+            .cnn_images
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(x, y);
         assert_eq!(a.captions, b.captions);
     }
@@ -104,7 +139,14 @@ fn loader_shapes_determinism_and_flip() {
 
     // Always-flip versus no augmentation: the image is mirrored and left/right swapped.
     let plain = DataLoader::new(ds.clone(), pre, 10, None, Augment::off(), Device::Cpu);
-    let flip = DataLoader::new(ds.clone(), pre, 10, None, Augment::always_flip(), Device::Cpu);
+    let flip = DataLoader::new(
+        ds.clone(),
+        pre,
+        10,
+        None,
+        Augment::always_flip(),
+        Device::Cpu,
+    );
     let a = plain.iter().next().unwrap().unwrap();
     let b = flip.iter().next().unwrap().unwrap();
     assert!(a.variants.iter().all(|&v| v == 0) && b.variants.iter().all(|&v| v == 1));
@@ -116,7 +158,10 @@ fn loader_shapes_determinism_and_flip() {
     );
     for (x, y) in a.captions.iter().zip(&b.captions) {
         assert_eq!(&swap_left_right(x), y);
-        let (p, q) = (LvitCaption::parse(x).unwrap(), LvitCaption::parse(y).unwrap());
+        let (p, q) = (
+            LvitCaption::parse(x).unwrap(),
+            LvitCaption::parse(y).unwrap(),
+        );
         assert_eq!((p.left.clone(), p.right.clone()), (q.right, q.left));
     }
     for (x, y) in a.aux_captions.iter().zip(&b.aux_captions) {
