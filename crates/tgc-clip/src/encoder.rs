@@ -131,7 +131,7 @@ impl EncoderLayer {
     /// Loads one block from `vb` (prefix `...layers.N`).
     pub fn new(cfg: &EncoderConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.width;
-        if cfg.heads == 0 || d % cfg.heads != 0 {
+        if cfg.heads == 0 || !d.is_multiple_of(cfg.heads) {
             candle_core::bail!("width {d} is not divisible by heads {}", cfg.heads)
         }
         let att = vb.pp("self_attn");

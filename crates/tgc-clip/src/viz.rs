@@ -10,7 +10,8 @@ use crate::{ClipModel, Error, Result};
 
 /// CLIP's per-channel pixel mean (RGB, on [0, 1] pixels).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-/// CLIP's per-channel pixel standard deviation.
+/// CLIP's per-channel pixel standard deviation (the published digits).
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// CLIP preprocessing: grey images are repeated to RGB, the shorter side is

@@ -100,7 +100,9 @@ fn check_tiny(model: &ClipModel) {
 fn tiny_hugging_face_names() {
     let path = fixture("tiny_clip.safetensors");
     assert_eq!(
-        WeightStore::open(&[path.clone()]).unwrap().naming(),
+        WeightStore::open(std::slice::from_ref(&path))
+            .unwrap()
+            .naming(),
         Naming::HuggingFace
     );
     let m = ClipModel::load(&ClipConfig::tiny(), &WeightSource::File(path), &Device::Cpu).unwrap();
@@ -111,7 +113,9 @@ fn tiny_hugging_face_names() {
 fn tiny_open_clip_names() {
     let path = fixture("tiny_clip_openclip.safetensors");
     assert_eq!(
-        WeightStore::open(&[path.clone()]).unwrap().naming(),
+        WeightStore::open(std::slice::from_ref(&path))
+            .unwrap()
+            .naming(),
         Naming::OpenClip
     );
     let m = ClipModel::load(&ClipConfig::tiny(), &WeightSource::File(path), &Device::Cpu).unwrap();

@@ -5,6 +5,7 @@ use image::{DynamicImage, GrayImage, Luma, RgbImage};
 use tgc_clip::{normalize, preprocess, write_heatmap_png, CLIP_MEAN, CLIP_STD};
 
 #[test]
+#[allow(clippy::needless_range_loop)]
 fn preprocess_grey_is_repeated_and_normalised() {
     // 2x2 grey image at its own size: no resampling, only normalisation.
     let img = GrayImage::from_fn(2, 2, |x, y| Luma([(x * 100 + y * 50) as u8]));
