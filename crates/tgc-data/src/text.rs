@@ -173,7 +173,7 @@ impl LvitCaption {
 ///
 /// It is a template, not a language model: it adds no knowledge beyond the caption, only
 /// a second phrasing in the register of radiology reports. Captions that do not parse
-/// are returned as "<modality> findings: <caption>".
+/// are returned as `"{modality} findings: {caption}"`.
 pub fn radiology_rewrite(caption: &str, modality: &str) -> String {
     let Some(p) = LvitCaption::parse(caption) else {
         return format!("{modality} findings: {}", caption.trim());
