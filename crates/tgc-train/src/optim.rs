@@ -13,12 +13,13 @@
 //! ```
 //!
 //! where `t` counts the steps in which that variable received a gradient (PyTorch keeps
-//! one step count per parameter too).
+//! one step count per parameter too). Moments live in each variable's dtype and device, as in
+//! PyTorch: train in f32 (f16/bf16 moments lose precision).
 
 use std::collections::{HashMap, HashSet};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Storage, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -102,6 +103,7 @@ pub struct AdamW {
     config: AdamWConfig,
     slots: Vec<Slot>,
     steps: u64,
+    fused_cpu: bool,
 }
 
 /// Prefix of every key written by [`AdamW::state_tensors`].
@@ -152,6 +154,7 @@ impl AdamW {
             config,
             slots,
             steps: 0,
+            fused_cpu: true,
         })
     }
 
@@ -166,6 +169,15 @@ impl AdamW {
             .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         Self::new(vars, config)
+    }
+
+    /// Chooses the update kernel for contiguous f32 CPU variables: fused (default; one
+    /// in-place pass per tensor, no allocation) or composed of tensor ops (the path every
+    /// other dtype and device takes). Both follow PyTorch to float rounding; they are not
+    /// bitwise identical to each other, so keep the choice fixed within a run.
+    pub fn with_fused_cpu(mut self, fused: bool) -> Self {
+        self.fused_cpu = fused;
+        self
     }
 
     /// The hyper-parameters.
@@ -184,6 +196,12 @@ impl AdamW {
             .iter()
             .map(|s| (s.name.as_str(), &s.var))
             .collect()
+    }
+
+    /// [`clip_grad_norm`] over this optimiser's variables.
+    pub fn clip_grad_norm(&self, grads: &mut GradStore, max_norm: f64) -> Result<f64> {
+        let vars: Vec<&Var> = self.slots.iter().map(|s| &s.var).collect();
+        clip_grad_norm(grads, &vars, max_norm)
     }
 
     /// Applies one AdamW update with learning rate `lr` (from the schedule) to every
@@ -212,22 +230,56 @@ impl AdamW {
             let g = g.to_dtype(slot.var.dtype())?;
             slot.t += 1;
             let t = slot.t as i32;
-            let m = ((&slot.m * beta1)? + (&g * (1.0 - beta1))?)?;
-            let v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let bias_correction1 = 1.0 - beta1.powi(t);
             let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
             let step_size = lr / bias_correction1;
             let p = slot.var.as_tensor();
-            let p = if weight_decay != 0.0 {
-                (p * (1.0 - lr * weight_decay))?
+            let fused = self.fused_cpu
+                && p.device().is_cpu()
+                && p.dtype() == DType::F32
+                && p.is_contiguous()
+                && slot.m.is_contiguous()
+                && slot.v.is_contiguous();
+            if fused {
+                let g = g.contiguous()?;
+                slot.m.inplace_op2(
+                    &g,
+                    &MomentUpdate {
+                        beta: beta1,
+                        square: false,
+                    },
+                )?;
+                slot.v.inplace_op2(
+                    &g,
+                    &MomentUpdate {
+                        beta: beta2,
+                        square: true,
+                    },
+                )?;
+                p.inplace_op3(
+                    &slot.m,
+                    &slot.v,
+                    &ParamUpdate {
+                        decay: 1.0 - lr * weight_decay,
+                        step_size,
+                        bias_correction2_sqrt,
+                        eps,
+                    },
+                )?;
             } else {
-                p.clone()
-            };
-            let denom = ((v.sqrt()? / bias_correction2_sqrt)? + eps)?;
-            let p = (p - (m.div(&denom)? * step_size)?)?;
-            slot.var.set(&p)?;
-            slot.m = m;
-            slot.v = v;
+                let m = ((&slot.m * beta1)? + (&g * (1.0 - beta1))?)?;
+                let v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                let p = if weight_decay != 0.0 {
+                    (p * (1.0 - lr * weight_decay))?
+                } else {
+                    p.clone()
+                };
+                let denom = ((v.sqrt()? / bias_correction2_sqrt)? + eps)?;
+                let p = (p - (m.div(&denom)? * step_size)?)?;
+                slot.var.set(&p)?;
+                slot.m = m;
+                slot.v = v;
+            }
             updated += 1;
         }
         self.steps += 1;
@@ -239,7 +291,7 @@ impl AdamW {
         })
     }
 
-    /// The optimiser state as named tensors, for a checkpoint: `optim.m.<var>`,
+    /// A snapshot (copies) of the optimiser state as named tensors, for a checkpoint: `optim.m.<var>`,
     /// `optim.v.<var>` (same shape and dtype as the variable), `optim.t.<var>` (i64
     /// scalar, that variable's step count) and `optim.steps` (i64 scalar).
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
@@ -250,8 +302,10 @@ impl AdamW {
             .map(|s| s.var.device().clone())
             .unwrap_or(candle_core::Device::Cpu);
         for s in &self.slots {
-            out.insert(key_m(&s.name), s.m.clone());
-            out.insert(key_v(&s.name), s.v.clone());
+            // Copies: the fused update writes the moments in place, and a snapshot must not
+            // change under the caller's feet.
+            out.insert(key_m(&s.name), s.m.copy()?);
+            out.insert(key_v(&s.name), s.v.copy()?);
             out.insert(key_t(&s.name), Tensor::new(s.t as i64, s.var.device())?);
         }
         out.insert(STEPS_KEY.to_string(), Tensor::new(self.steps as i64, &dev)?);
@@ -296,7 +350,8 @@ impl AdamW {
                         s.var.dtype()
                     )));
                 }
-                moments.push(x.to_device(s.var.device())?);
+                // A private copy: the fused update writes it in place.
+                moments.push(x.to_device(s.var.device())?.copy()?);
             }
             let t = scalar(fetch(&kt)?, &kt)?;
             let v = moments.pop().expect("two moments");
@@ -325,6 +380,115 @@ impl AdamW {
     }
 }
 
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
+        _ => candle_core::bail!("adamw fused update: {what} must be contiguous f32"),
+    }
+}
+
+fn contiguous_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(d), Some((a, b))) => Ok(&mut d[a..b]),
+        _ => candle_core::bail!("adamw fused update: destination must be contiguous f32"),
+    }
+}
+
+/// In place: `m <- m + (1 - beta) (g - m)` (torch's `lerp_`), or with `square`
+/// `v <- beta v + (1 - beta) g^2` (torch's `mul_` + `addcmul_`), in f32 as torch does.
+struct MomentUpdate {
+    beta: f64,
+    square: bool,
+}
+
+impl InplaceOp2 for MomentUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        g: &CpuStorage,
+        g_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let m = contiguous_f32_mut(dst, dst_l)?;
+        let g = contiguous_f32(g, g_l, "gradient")?;
+        if m.len() != g.len() {
+            candle_core::bail!(
+                "adamw fused update: {} moments vs {} grads",
+                m.len(),
+                g.len()
+            );
+        }
+        let (beta, w) = (self.beta as f32, (1.0 - self.beta) as f32);
+        if self.square {
+            m.iter_mut()
+                .zip(g)
+                .for_each(|(v, &g)| *v = *v * beta + w * g * g);
+        } else {
+            m.iter_mut().zip(g).for_each(|(m, &g)| *m += w * (g - *m));
+        }
+        Ok(())
+    }
+}
+
+/// In place: `p <- p (1 - lr wd) - step_size m / (sqrt(v) / sqrt(bc2) + eps)`.
+struct ParamUpdate {
+    decay: f64,
+    step_size: f64,
+    bias_correction2_sqrt: f64,
+    eps: f64,
+}
+
+impl InplaceOp3 for ParamUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        m: &CpuStorage,
+        m_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let p = contiguous_f32_mut(dst, dst_l)?;
+        let m = contiguous_f32(m, m_l, "first moment")?;
+        let v = contiguous_f32(v, v_l, "second moment")?;
+        if p.len() != m.len() || p.len() != v.len() {
+            candle_core::bail!("adamw fused update: parameter and moment sizes differ");
+        }
+        let decay = self.decay as f32;
+        let neg_step = -self.step_size as f32;
+        let bc2 = self.bias_correction2_sqrt as f32;
+        let eps = self.eps as f32;
+        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+            let denom = v.sqrt() / bc2 + eps;
+            *p = *p * decay + neg_step * (m / denom);
+        }
+        Ok(())
+    }
+}
+
+fn sum_squares(g: &Tensor) -> Result<f64> {
+    if g.device().is_cpu() && g.dtype() == DType::F32 {
+        let (storage, layout) = g.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(d)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(d[a..b].iter().map(|&x| (x as f64) * (x as f64)).sum());
+        }
+    }
+    Ok(g.to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()?)
+}
+
 /// Scales the gradients of `vars` in `grads` so that their global L2 norm is at most
 /// `max_norm`, as `torch.nn.utils.clip_grad_norm_`: `coef = max_norm / (norm + 1e-6)`,
 /// applied only when `coef < 1`. Returns the norm before clipping. Variables without a
@@ -341,11 +505,7 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[&Var], max_norm: f64) -> Re
     let mut sq = 0.0f64;
     for var in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
-            sq += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            sq += sum_squares(g)?;
         }
     }
     let total = sq.sqrt();
