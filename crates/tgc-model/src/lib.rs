@@ -1,6 +1,56 @@
-//! TgcNet: composition of the frozen CLIP towers and the trainable TGC-Net modules.
+//! # tgc-model: TGC-Net, composed
+//!
+//! [`TgcNet`] puts the frozen CLIP towers ([`FrozenTowers`]) and the four trainable
+//! modules of the paper together:
+//!
+//! ```text
+//! image ─ CLIP vision (frozen) ─ patch tokens ─┐
+//! image ─ CNN ───────────────────────────────── SSE ─ F_V^{1/8,1/16,1/32}
+//! report ─ CLIP text (frozen) ─ F_p ─┐                         │
+//! domain ─ CLIP text (frozen) ─ F_a ─ DATE ─ F_T ─ VLCM(F_V^1/32, F_T) ─ F'_V, F'_T
+//!                                         CAT-Seg decoder(F'_V, F'_T, F_V^1/16, F_V^1/8)
+//!                                         ─ logits B x K x S x S
+//! ```
+//!
+//! [`TgcConfig`] holds every choice, with the presets `paper` (ViT-L/14 at 336, CNN at
+//! 768, about 10.3M trainable parameters), `cpu` (TinyCLIP geometry, trains on two
+//! cores) and `tiny` (tests). Each ablation row of the paper is one config change:
+//! `sse.mode` (`full`, `clip_only` = no SSE / ViT-only, `cnn_only`), `text_mode`
+//! (`fused`, `main_only` = no DATE, `aux_only`, `concatenated`), `vlcm.variant`
+//! (`gated`, `bi_cross_attn`, `single_cross_attn`, `identity` = no VLCM), and
+//! `image_only` (the prompt replaced by the empty string). The text tower is CLIP's
+//! or a BERT-family encoder ([`TextTower::Bert`], e.g. all-MiniLM-L6-v2).
+//!
+//! No pretrained CLIP is reachable on the development machines, so tests and the CPU
+//! demos use CLIP in its real architecture with deterministic random weights
+//! (`WeightSource::Random`); real weights load from the hub or a safetensors file.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use tgc_model::{TgcConfig, TgcNet, WeightSource};
+//!
+//! let cfg = TgcConfig::tiny();
+//! let model = TgcNet::load(cfg.clone(), &WeightSource::Random { seed: 0 }, &Device::Cpu)?;
+//! let clip = Tensor::zeros((3, cfg.clip_size, cfg.clip_size), candle_core::DType::F32, &Device::Cpu)?;
+//! let cnn = Tensor::zeros((3, cfg.cnn_size, cfg.cnn_size), candle_core::DType::F32, &Device::Cpu)?;
+//! let probs = model.predict(&clip, &cnn, &["left lower lung opacity"], None)?;
+//! assert_eq!(probs.dims(), &[1, cfg.label_size, cfg.label_size]);
+//! println!("{:?}", model.param_counts());
+//! # Ok::<(), tgc_model::Error>(())
+//! ```
 
+mod config;
 mod error;
+mod model;
 pub mod text;
+mod towers;
 
+pub use config::{TextMode, TextTower, TgcConfig};
 pub use error::{Error, Result};
+pub use model::{
+    clip_cost_map, clip_param_count, ParamCounts, TgcInput, TgcNet, CONFIG_METADATA_KEY,
+};
+pub use tgc_clip::WeightSource;
+pub use tgc_sse::SseMode;
+pub use tgc_vlcm::VlcmVariant;
+pub use towers::{FrozenTowers, ImageFeatures, PromptFeatures, CLIP_TOKENIZER_JSON};

@@ -1,0 +1,342 @@
+//! [`TgcConfig`]: the whole model's configuration, its presets and ablation switches.
+
+use serde::{Deserialize, Serialize};
+use tgc_clip::ClipConfig;
+use tgc_date::DateConfig;
+use tgc_decoder::DecoderConfig;
+use tgc_sse::{MsDeformAttnConfig, SseConfig, SseMode};
+use tgc_vlcm::{VlcmConfig, VlcmVariant};
+
+use crate::{Error, Result};
+
+/// Which frozen text tower encodes the prompts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextTower {
+    /// CLIP's own text tower (the paper). Pooling at the EOS token.
+    #[default]
+    Clip,
+    /// A BERT-family encoder from a folder with `config.json`, `model.safetensors` and
+    /// `tokenizer.json` (e.g. all-MiniLM-L6-v2 from `weights/fetch_minilm.sh`). Pooling is
+    /// the masked mean. `hidden` must equal the encoder's width; it sets `D_t`.
+    Bert {
+        /// Folder of the encoder's files.
+        dir: String,
+        /// Width of the encoder's token states (384 for MiniLM-L6).
+        hidden: usize,
+    },
+}
+
+/// Which prompts reach the model (the paper's Table 5 rows).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextMode {
+    /// Primary and auxiliary prompts fused by DATE (the paper's model).
+    #[default]
+    Fused,
+    /// The primary prompt only; DATE is not built ("no DATE", "main only").
+    MainOnly,
+    /// The auxiliary prompt only; DATE is not built.
+    AuxOnly,
+    /// Primary and auxiliary sentences concatenated into one prompt; DATE is not built
+    /// (the "LLM-expanded" row).
+    Concatenated,
+}
+
+impl TextMode {
+    /// Whether this mode runs DATE.
+    pub fn uses_date(self) -> bool {
+        self == TextMode::Fused
+    }
+}
+
+/// Configuration of [`crate::TgcNet`]. Every ablation of the paper is a change here.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TgcConfig {
+    /// Name of the preset this came from (informational).
+    pub preset: String,
+    /// Frozen CLIP towers.
+    pub clip: ClipConfig,
+    /// Frozen text tower for the prompts.
+    pub text_tower: TextTower,
+    /// Input size of the CLIP vision tower (`S_c`).
+    pub clip_size: usize,
+    /// Input size of the CNN branch (`S_n = 32 * S_c / patch`).
+    pub cnn_size: usize,
+    /// Side of the output logits (the label size).
+    pub label_size: usize,
+    /// Token length of every prompt (77 for CLIP).
+    pub max_text_len: usize,
+    /// SSE (its `mode` is the encoder ablation).
+    pub sse: SseConfig,
+    /// DATE (used when `text_mode` is `fused`).
+    pub date: DateConfig,
+    /// Which prompts reach the model.
+    pub text_mode: TextMode,
+    /// VLCM (its `variant` is the alignment ablation).
+    pub vlcm: VlcmConfig,
+    /// CAT-Seg decoder.
+    pub decoder: DecoderConfig,
+    /// Replace every prompt by the empty string: the image-only baseline that shows how
+    /// much the text carries.
+    pub image_only: bool,
+}
+
+impl Default for TgcConfig {
+    fn default() -> Self {
+        Self::paper()
+    }
+}
+
+impl TgcConfig {
+    /// The paper: CLIP ViT-L/14 at 336 px (24x24 grid), CNN at 768 px, D = 256, six
+    /// MSDeformAttn layers, decoder hidden 128; about 10.3M trainable parameters.
+    pub fn paper() -> Self {
+        Self {
+            preset: "paper".into(),
+            clip: ClipConfig::vit_l14_336(),
+            text_tower: TextTower::Clip,
+            clip_size: 336,
+            cnn_size: 768,
+            label_size: 224,
+            max_text_len: 77,
+            sse: SseConfig::paper(),
+            date: DateConfig::default(),
+            text_mode: TextMode::Fused,
+            vlcm: VlcmConfig::default(),
+            decoder: DecoderConfig::default(),
+            image_only: false,
+        }
+    }
+
+    /// Trains on two CPU cores: TinyCLIP-ViT-8M-16 geometry (224 px, patch 16, 14x14
+    /// grid), CNN at 448 px, D = 128, three MSDeformAttn layers, labels at 224 px.
+    pub fn cpu() -> Self {
+        let d = 128;
+        Self {
+            preset: "cpu".into(),
+            clip: ClipConfig::tinyclip_8m_16(),
+            text_tower: TextTower::Clip,
+            clip_size: 224,
+            cnn_size: 448,
+            label_size: 224,
+            max_text_len: 77,
+            // No dropout: candle draws dropout masks from an unseedable RNG on CPU, which
+            // would make runs irreproducible (and exact resume impossible).
+            sse: SseConfig {
+                msda: MsDeformAttnConfig {
+                    dropout: 0.0,
+                    ..SseConfig::cpu().msda
+                },
+                ..SseConfig::cpu()
+            },
+            date: DateConfig {
+                text_dim: 256,
+                heads: 4,
+                dropout: 0.0,
+                ..DateConfig::default()
+            },
+            text_mode: TextMode::Fused,
+            vlcm: VlcmConfig {
+                d_model: d,
+                text_dim: 256,
+                heads: 4,
+                ..VlcmConfig::default()
+            },
+            decoder: DecoderConfig {
+                d_model: d,
+                hidden: 64,
+                guidance_dim: 64,
+                class_mlp: 256,
+                ..DecoderConfig::default()
+            },
+            image_only: false,
+        }
+    }
+
+    /// A very small model for tests and the embedded synthetic demo: the tiny CLIP
+    /// (32 px, patch 8, 4x4 grid), CNN at 128 px, D = 32, two MSDeformAttn layers,
+    /// labels at 64 px.
+    pub fn tiny() -> Self {
+        let d = 32;
+        let clip = ClipConfig::tiny();
+        let text_dim = clip.text.width;
+        Self {
+            preset: "tiny".into(),
+            clip_size: clip.vision.image_size,
+            cnn_size: 128,
+            label_size: 64,
+            max_text_len: 77,
+            sse: SseConfig {
+                cnn_channels: [16, 32, 32],
+                stem_channels: 8,
+                cnn_blocks: [0, 0, 0],
+                clip_dim: clip.vision.width,
+                d_model: d,
+                msda: MsDeformAttnConfig {
+                    d_model: d,
+                    n_heads: 4,
+                    n_layers: 2,
+                    ffn_dim: 64,
+                    dropout: 0.0,
+                    ..MsDeformAttnConfig::default()
+                },
+                norm_groups: 8,
+                ..SseConfig::cpu()
+            },
+            date: DateConfig {
+                text_dim,
+                heads: 2,
+                dropout: 0.0,
+                ..DateConfig::default()
+            },
+            text_mode: TextMode::Fused,
+            vlcm: VlcmConfig {
+                d_model: d,
+                text_dim,
+                heads: 4,
+                ..VlcmConfig::default()
+            },
+            decoder: DecoderConfig {
+                d_model: d,
+                hidden: 32,
+                guidance_dim: 32,
+                heads: 2,
+                layers: 1,
+                window: 4,
+                class_mlp: 64,
+                f16_proj: 16,
+                f8_proj: 8,
+                up_channels: [32, 16],
+                decoder_dims: [32, 16],
+                group_norm_channels: 8,
+                ..DecoderConfig::default()
+            },
+            image_only: false,
+            clip,
+            text_tower: TextTower::Clip,
+        }
+    }
+
+    /// A preset by name: `paper`, `cpu` or `tiny`.
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "paper" => Ok(Self::paper()),
+            "cpu" => Ok(Self::cpu()),
+            "tiny" => Ok(Self::tiny()),
+            other => Err(Error::Config(format!(
+                "unknown preset {other:?} (expected paper, cpu or tiny)"
+            ))),
+        }
+    }
+
+    /// Width `D_t` of the prompt token states (CLIP text width or the BERT width).
+    pub fn text_dim(&self) -> usize {
+        match &self.text_tower {
+            TextTower::Clip => self.clip.text.width,
+            TextTower::Bert { hidden, .. } => *hidden,
+        }
+    }
+
+    /// Sets the SSE mode (encoder ablation: `full`, `clip_only` = "no SSE / ViT-only",
+    /// `cnn_only`).
+    pub fn with_sse_mode(mut self, mode: SseMode) -> Self {
+        self.sse.mode = mode;
+        self
+    }
+
+    /// Sets the VLCM variant (alignment ablation).
+    pub fn with_vlcm(mut self, variant: VlcmVariant) -> Self {
+        self.vlcm.variant = variant;
+        self
+    }
+
+    /// Sets the text mode (DATE ablation).
+    pub fn with_text_mode(mut self, mode: TextMode) -> Self {
+        self.text_mode = mode;
+        self
+    }
+
+    /// Switches to a BERT-family text tower of width `hidden` in `dir`, adjusting DATE
+    /// and VLCM text widths and disabling the CLIP zero-shot cost channel (it needs CLIP's
+    /// text embedding).
+    pub fn with_bert_text(mut self, dir: impl Into<String>, hidden: usize) -> Self {
+        self.text_tower = TextTower::Bert {
+            dir: dir.into(),
+            hidden,
+        };
+        self.date.text_dim = hidden;
+        self.vlcm.text_dim = hidden;
+        self.decoder.use_clip_cost = false;
+        self
+    }
+
+    /// Checks that the parts agree with each other; the message names the fields.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        let v = &self.clip.vision;
+        if self.clip_size % v.patch_size != 0 {
+            return bad(format!(
+                "clip_size {} is not a multiple of the CLIP patch size {}",
+                self.clip_size, v.patch_size
+            ));
+        }
+        let grid = self.clip_size / v.patch_size;
+        if self.cnn_size != 32 * grid {
+            return bad(format!(
+                "cnn_size {} must be 32 x the CLIP grid {grid} = {} so the CNN's 1/32 grid \
+                 equals CLIP's",
+                self.cnn_size,
+                32 * grid
+            ));
+        }
+        if self.sse.clip_dim != v.width {
+            return bad(format!(
+                "sse.clip_dim {} != CLIP vision width {}",
+                self.sse.clip_dim, v.width
+            ));
+        }
+        let d = self.sse.d_model;
+        if self.vlcm.d_model != d || self.decoder.d_model != d {
+            return bad(format!(
+                "model width mismatch: sse.d_model {d}, vlcm.d_model {}, decoder.d_model {}",
+                self.vlcm.d_model, self.decoder.d_model
+            ));
+        }
+        let dt = self.text_dim();
+        if self.date.text_dim != dt || self.vlcm.text_dim != dt {
+            return bad(format!(
+                "text width mismatch: text tower {dt}, date.text_dim {}, vlcm.text_dim {}",
+                self.date.text_dim, self.vlcm.text_dim
+            ));
+        }
+        if self.decoder.use_clip_cost && !matches!(self.text_tower, TextTower::Clip) {
+            return bad(
+                "decoder.use_clip_cost needs the CLIP text tower (its text embedding); \
+                 set it to false with a BERT text tower"
+                    .into(),
+            );
+        }
+        if self.label_size == 0 || self.max_text_len < 2 {
+            return bad(format!(
+                "label_size {} and max_text_len {} must be positive (text >= 2)",
+                self.label_size, self.max_text_len
+            ));
+        }
+        Ok(())
+    }
+
+    /// A short, stable identifier of the frozen towers and preprocessing, for the feature
+    /// cache: features computed under one id are valid for every config with that id.
+    pub fn frozen_id(&self, weights: &str) -> String {
+        let json = serde_json::to_string(&(&self.clip, &self.text_tower, self.clip_size))
+            .unwrap_or_default();
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in json.bytes().chain(weights.bytes()) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        format!("{}-{}-{h:016x}", self.preset, self.clip_size)
+    }
+}

@@ -1,0 +1,276 @@
+//! TgcNet composition: shapes, parameter counts, gradient flow for every ablation, and
+//! checkpoints.
+
+use candle_core::{DType, Device, Tensor};
+use tgc_model::{SseMode, TextMode, TgcConfig, TgcInput, TgcNet, VlcmVariant, WeightSource};
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn pseudo(shape: &[usize], seed: u64, dev: &Device) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, dev).unwrap()
+}
+
+fn input(cfg: &TgcConfig, b: usize, k: usize, seed: u64) -> TgcInput {
+    let dev = Device::Cpu;
+    let prompts = (0..b)
+        .map(|i| {
+            (0..k)
+                .map(|j| {
+                    format!(
+                        "opacity in the {} {} lung zone",
+                        ["left", "right"][j % 2],
+                        ["lower", "upper"][i % 2]
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    TgcInput {
+        clip_images: pseudo(&[b, 3, cfg.clip_size, cfg.clip_size], seed, &dev),
+        cnn_images: pseudo(&[b, 3, cfg.cnn_size, cfg.cnn_size], seed + 1, &dev),
+        prompts,
+        aux_prompts: None,
+    }
+}
+
+/// Forward + squared-error loss + backward; asserts every trainable variable got a finite,
+/// non-zero gradient and the frozen features none.
+///
+/// Deformable DETR initialises the sampling-offset and attention-weight projections to
+/// zero, so at the exact initial point the level embedding (which only enters through
+/// them) has a zero gradient by construction. One small SGD step moves off that point;
+/// the check runs on the second backward.
+fn check_gradients(cfg: TgcConfig, k: usize) {
+    let name = format!(
+        "{:?}/{:?}/{:?} k={k}",
+        cfg.sse.mode, cfg.text_mode, cfg.vlcm.variant
+    );
+    let model = TgcNet::load(cfg.clone(), &WeightSource::Random { seed: 1 }, &Device::Cpu).unwrap();
+    let inp = input(&cfg, 2, k, 3);
+    let image = model.towers().encode_images(&inp.clip_images).unwrap();
+    let (primary, aux) = model.encode_prompts(&inp.prompts, None).unwrap();
+    let logits = model
+        .forward_features(&image, &inp.cnn_images, &primary, aux.as_ref(), k, true)
+        .unwrap();
+    assert_eq!(
+        logits.dims(),
+        &[2, k, cfg.label_size, cfg.label_size],
+        "{name}"
+    );
+    let target = pseudo(logits.dims(), 11, &Device::Cpu)
+        .ge(0.4)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let loss = (logits.clone() - &target)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    for (_, v) in model.trainable_vars() {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            v.set(&(v.as_tensor() - (g * 0.05).unwrap()).unwrap())
+                .unwrap();
+        }
+    }
+    let logits = model
+        .forward_features(&image, &inp.cnn_images, &primary, aux.as_ref(), k, true)
+        .unwrap();
+    let loss = (logits - &target)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    for (n, v) in model.trainable_vars() {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: {n} received no gradient"));
+        let s = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(s.is_finite() && s > 0.0, "{name}: {n} gradient sum {s}");
+    }
+    // The frozen towers record no graph: no gradient can flow into their weights, and the
+    // only variables are the trainable ones.
+    for (what, t) in [
+        ("CLIP patch tokens", &image.patch_tokens),
+        ("CLIP dense embeddings", &image.dense_embeds),
+        ("text states", &primary.states),
+    ] {
+        assert!(
+            !t.track_op(),
+            "{name}: frozen {what} carry a gradient graph"
+        );
+    }
+}
+
+#[test]
+fn every_ablation_variant_trains_every_parameter() {
+    let base = TgcConfig::tiny();
+    check_gradients(base.clone(), 2);
+    check_gradients(base.clone(), 1);
+    for mode in [SseMode::ClipOnly, SseMode::CnnOnly] {
+        check_gradients(base.clone().with_sse_mode(mode), 1);
+    }
+    for tm in [
+        TextMode::MainOnly,
+        TextMode::AuxOnly,
+        TextMode::Concatenated,
+    ] {
+        check_gradients(base.clone().with_text_mode(tm), 1);
+    }
+    for v in [
+        VlcmVariant::Identity,
+        VlcmVariant::SingleCrossAttn,
+        VlcmVariant::BiCrossAttn,
+    ] {
+        check_gradients(base.clone().with_vlcm(v), 1);
+    }
+    let mut no_clip_cost = base.clone();
+    no_clip_cost.decoder.use_clip_cost = false;
+    check_gradients(no_clip_cost, 1);
+    // "none": no SSE, no DATE, no VLCM.
+    check_gradients(
+        base.with_sse_mode(SseMode::ClipOnly)
+            .with_text_mode(TextMode::MainOnly)
+            .with_vlcm(VlcmVariant::Identity),
+        1,
+    );
+}
+
+#[test]
+fn cpu_preset_trains_every_parameter() {
+    check_gradients(TgcConfig::cpu(), 1);
+}
+
+#[test]
+fn parameter_counts_per_module_match_module_formulas() {
+    let cfg = TgcConfig::cpu();
+    let model = TgcNet::load(cfg.clone(), &WeightSource::Random { seed: 0 }, &Device::Cpu).unwrap();
+    let c = model.param_counts();
+    assert_eq!(c.per_module["date"], cfg.date.num_params());
+    assert_eq!(c.per_module["vlcm"], cfg.vlcm.num_params());
+    assert_eq!(c.trainable, c.per_module.values().sum::<usize>());
+    // Frozen towers: the formula against the actual tensors of the tiny CLIP.
+    let tiny = TgcConfig::tiny();
+    let tensors = tgc_clip::weights::random_tensors(&tiny.clip, 0).unwrap();
+    let actual: usize = tensors.values().map(|t| t.elem_count()).sum();
+    assert_eq!(tgc_model::clip_param_count(&tiny), actual);
+}
+
+#[test]
+fn paper_preset_runs_and_is_near_the_papers_size() {
+    let cfg = TgcConfig::paper();
+    let model = TgcNet::load(cfg.clone(), &WeightSource::Random { seed: 0 }, &Device::Cpu).unwrap();
+    let c = model.param_counts();
+    println!("paper preset: {c:?}");
+    let rel = (c.trainable as f64 - 10.3e6).abs() / 10.3e6;
+    assert!(
+        rel < 0.15,
+        "paper preset has {} trainable parameters ({:.1}% from 10.3M)",
+        c.trainable,
+        rel * 100.0
+    );
+    assert!(
+        c.frozen > 400_000_000,
+        "ViT-L/14 CLIP has ~428M parameters, counted {}",
+        c.frozen
+    );
+    let logits = model.forward(&input(&cfg, 1, 1, 0), false).unwrap();
+    assert_eq!(logits.dims(), &[1, 1, cfg.label_size, cfg.label_size]);
+    let v: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(v.iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn checkpoints_round_trip_and_reject_other_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let cfg = TgcConfig::tiny();
+    let a = TgcNet::load(cfg.clone(), &WeightSource::Random { seed: 0 }, &Device::Cpu).unwrap();
+    a.save_weights(&path).unwrap();
+    // A second model with another init seed becomes identical after loading.
+    let towers =
+        tgc_model::FrozenTowers::load(&cfg, &WeightSource::Random { seed: 0 }, &Device::Cpu)
+            .unwrap();
+    let b = TgcNet::new_seeded(cfg.clone(), towers, 99).unwrap();
+    let inp = input(&cfg, 1, 1, 5);
+    let before: Vec<f32> = b
+        .forward(&inp, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    b.load_weights(&path).unwrap();
+    let la: Vec<f32> = a
+        .forward(&inp, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let lb: Vec<f32> = b
+        .forward(&inp, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_ne!(
+        before, la,
+        "differently seeded models should differ before loading"
+    );
+    assert_eq!(la, lb);
+    // Another config: the error names the differing field.
+    let mut other = cfg.clone();
+    other.decoder.hidden = 16;
+    other.decoder.guidance_dim = 16;
+    let c = TgcNet::load(other, &WeightSource::Random { seed: 0 }, &Device::Cpu).unwrap();
+    let err = c.load_weights(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("decoder.hidden") && err.contains("model.safetensors"),
+        "{err}"
+    );
+    // A truncated file names the file.
+    let bytes = std::fs::read(&path).unwrap();
+    let bad = dir.path().join("truncated.safetensors");
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    let err = b.load_weights(&bad).unwrap_err().to_string();
+    assert!(err.contains("truncated.safetensors"), "{err}");
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let cfg = TgcConfig::tiny();
+    let model = TgcNet::load(cfg.clone(), &WeightSource::Random { seed: 0 }, &Device::Cpu).unwrap();
+    let mut inp = input(&cfg, 1, 1, 0);
+    inp.prompts = vec![vec!["  ".into()]];
+    let err = model.forward(&inp, false).unwrap_err().to_string();
+    assert!(err.contains("empty"), "{err}");
+    let mut bad = cfg.clone();
+    bad.cnn_size = 96;
+    let err = TgcNet::load(bad, &WeightSource::Random { seed: 0 }, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cnn_size"), "{err}");
+}
