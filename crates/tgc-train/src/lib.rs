@@ -16,6 +16,15 @@
 //! tensors and get neither gradients nor optimiser state. Exact resume = the parameters,
 //! [`AdamW::state_tensors`], the step, epoch and RNG state in one checkpoint.
 //!
+//! # Performance
+//!
+//! On CPU, f32 variables are updated by a fused in-place kernel (one pass per tensor, no
+//! allocation); other dtypes and devices use composed tensor ops (both checked against
+//! PyTorch). `cargo bench -p tgc-train --bench optim`, 40 x 512 x 512 f32 (10.5M
+//! parameters, about TGC-Net's trainable count), 2 shared cores: `AdamW::step` 114 ms
+//! against 2.35 s for `candle_nn::AdamW` in the same run (about 20x);
+//! `clip_grad_norm` 31 ms.
+//!
 //! # Example: a few steps, a checkpoint, and an exact resume
 //!
 //! ```

@@ -26,7 +26,8 @@ pub struct PlotConfig {
     pub width: u32,
     /// PNG height in pixels.
     pub height: u32,
-    /// A TrueType/OpenType font for tick labels; `None` searches common system fonts.
+    /// A TrueType/OpenType font for tick labels; `None` searches common system fonts. The
+    /// font is registered with plotters once per process: the first call that finds one wins.
     pub font_path: Option<PathBuf>,
     /// Whether to use a font at all (false: no tick labels, header only).
     pub tick_labels: bool,
