@@ -41,6 +41,8 @@
 //!   broadcast to the K prompts of their image.
 //! - **GroupNorm.** DoubleConv uses `channels / group_norm_channels` groups (CAT-Seg:
 //!   16 channels per group, so 4 groups at 64 and 2 at 32).
+//! - `guidance_kernel` (default 3) sets the kernel of the guidance projections; 1 is a
+//!   CPU speed option (the `F_V^1/8` projection is the most expensive convolution).
 //! - The decoder-guidance projections keep CAT-Seg's ReLU; the aggregation has no dropout
 //!   by default (`dropout = 0`, as CAT-Seg); `train` only switches dropout on.
 //!
@@ -163,6 +165,10 @@ pub struct DecoderConfig {
     pub up_channels: [usize; 2],
     /// Output channels of the two DoubleConvs ([64, 32]).
     pub decoder_dims: [usize; 2],
+    /// Kernel of the appearance- and decoder-guidance convolutions (3, as CAT-Seg). 1 is a
+    /// speed option for CPU training: the `F_V^1/8` projection is the decoder's most
+    /// expensive convolution and a 1x1 kernel does 9x fewer multiply-adds there.
+    pub guidance_kernel: usize,
     /// Channels per GroupNorm group in the DoubleConvs (16).
     pub group_norm_channels: usize,
     /// Dropout in the aggregation MLPs and attention outputs when training (0.0).
@@ -188,6 +194,7 @@ impl Default for DecoderConfig {
             f8_proj: 16,
             up_channels: [96, 48],
             decoder_dims: [64, 32],
+            guidance_kernel: 3,
             group_norm_channels: 16,
             dropout: 0.0,
             ln_eps: 1e-5,
@@ -220,6 +227,12 @@ impl DecoderConfig {
         }
         if self.d_model == 0 || self.hidden == 0 || self.window == 0 || self.class_pool == 0 {
             return bad("d_model, hidden, window and class_pool must be positive".into());
+        }
+        if self.guidance_kernel.is_multiple_of(2) {
+            return bad(format!(
+                "guidance_kernel {} must be odd (same padding)",
+                self.guidance_kernel
+            ));
         }
         for c in self.decoder_dims {
             if c == 0 || !c.is_multiple_of(self.groups(c)) {
@@ -332,7 +345,9 @@ impl CostAggregationDecoder {
             ..Default::default()
         };
         let cost_embed = candle_nn::conv2d(cfg.cost_channels(), c, 7, pad(3), vb.pp("cost_embed"))?;
-        let appearance_guidance = candle_nn::conv2d(d, g, 3, pad(1), vb.pp("appearance_guidance"))?;
+        let gk = cfg.guidance_kernel;
+        let appearance_guidance =
+            candle_nn::conv2d(d, g, gk, pad(gk / 2), vb.pp("appearance_guidance"))?;
         let text_guidance = candle_nn::linear(d, g, vb.pp("text_guidance"))?;
         let layers = (0..cfg.layers)
             .map(|i| {
@@ -361,8 +376,8 @@ impl CostAggregationDecoder {
             .collect::<Result<Vec<_>>>()?;
         let dg = vb.pp("decoder_guidance");
         let decoder_guidance = [
-            candle_nn::conv2d(d, cfg.f16_proj, 3, pad(1), dg.pp("0"))?,
-            candle_nn::conv2d(d, cfg.f8_proj, 3, pad(1), dg.pp("1"))?,
+            candle_nn::conv2d(d, cfg.f16_proj, gk, pad(gk / 2), dg.pp("0"))?,
+            candle_nn::conv2d(d, cfg.f8_proj, gk, pad(gk / 2), dg.pp("1"))?,
         ];
         let up_cfg = ConvTranspose2dConfig {
             stride: 2,

@@ -32,6 +32,7 @@ fn tiny(use_clip_cost: bool) -> DecoderConfig {
         f8_proj: 4,
         up_channels: [12, 6],
         decoder_dims: [8, 4],
+        guidance_kernel: 3,
         group_norm_channels: 4,
         dropout: 0.0,
         ln_eps: 1e-5,
@@ -122,13 +123,14 @@ fn cost_volume_matches_hand_computation() -> R<()> {
 }
 
 /// Closed-form parameter count of the decoder (biases included):
-/// - cost embedding `C_in*128*49 + 128`, appearance guidance `D*G*9 + G`,
+/// (`g2` = guidance kernel squared, 9 by default)
+/// - cost embedding `C_in*128*49 + 128`, appearance guidance `D*G*g2 + G`,
 ///   text guidance `D*G + G`;
 /// - per layer: spatial = `2G` (guidance LN) + 2 blocks of
 ///   [`2C` LN1 + 2*((C+G)*C + C) q,k + 2*(C*C + C) v,proj + `2C` LN2 + MLP
 ///   `(C*rC + rC) + (rC*C + C)`]; class = `4C` (two LNs) + 2*((C+G)*C + C) q,k +
 ///   `C*C + C` v + MLP `(C*M + M) + (M*C + C)`;
-/// - decoder guidance `D*p*9 + p` for p in (32, 16);
+/// - decoder guidance `D*p*g2 + p` for p in (32, 16);
 /// - stage i: ConvT `in*u*4 + u`, DoubleConv `(u+p)*o*9 + o*o*9` + two GroupNorms `4o`;
 /// - head `32*9 + 1`.
 fn formula_count(cfg: &DecoderConfig) -> usize {
@@ -136,14 +138,15 @@ fn formula_count(cfg: &DecoderConfig) -> usize {
     let cin = cfg.cost_channels();
     let rc = cfg.mlp_ratio * c;
     let m = cfg.class_mlp;
-    let front = cin * c * 49 + c + d * g * 9 + g + d * g + g;
+    let kk = cfg.guidance_kernel * cfg.guidance_kernel;
+    let front = cin * c * 49 + c + d * g * kk + g + d * g + g;
     let block =
         2 * c + 2 * ((c + g) * c + c) + 2 * (c * c + c) + 2 * c + (c * rc + rc) + (rc * c + c);
     let spatial = 2 * g + 2 * block;
     let class = 4 * c + 2 * ((c + g) * c + c) + (c * c + c) + (c * m + m) + (m * c + c);
     let layers = cfg.layers * (spatial + class);
     let projs = [cfg.f16_proj, cfg.f8_proj];
-    let guid: usize = projs.iter().map(|p| d * p * 9 + p).sum();
+    let guid: usize = projs.iter().map(|p| d * p * kk + p).sum();
     let ins = [c, cfg.decoder_dims[0]];
     let stages: usize = (0..2)
         .map(|i| {
@@ -179,13 +182,21 @@ fn parameter_count_matches_formula() -> R<()> {
     };
     assert_eq!(varmap_count(&no_clip)?, formula_count(&no_clip));
     assert_eq!(varmap_count(&tiny(true))?, formula_count(&tiny(true)));
+    let k1 = DecoderConfig {
+        guidance_kernel: 1,
+        ..tiny(false)
+    };
+    assert_eq!(varmap_count(&k1)?, formula_count(&k1));
     Ok(())
 }
 
 /// Every parameter and the `vision` input get a finite, non-zero gradient.
-fn gradient_flow(b: usize, k: usize, h: usize, w: usize, use_clip: bool) -> R<()> {
+fn gradient_flow(b: usize, k: usize, h: usize, w: usize, use_clip: bool, gk: usize) -> R<()> {
     let dev = Device::Cpu;
-    let cfg = tiny(use_clip);
+    let cfg = DecoderConfig {
+        guidance_kernel: gk,
+        ..tiny(use_clip)
+    };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let dec = CostAggregationDecoder::new(&cfg, vb)?;
@@ -233,12 +244,12 @@ fn gradient_flow(b: usize, k: usize, h: usize, w: usize, use_clip: bool) -> R<()
 
 #[test]
 fn every_parameter_gets_gradient_k2_with_clip_cost() -> R<()> {
-    gradient_flow(2, 2, 8, 8, true)
+    gradient_flow(2, 2, 8, 8, true, 3)
 }
 
 #[test]
-fn every_parameter_gets_gradient_k1_without_clip_cost() -> R<()> {
-    gradient_flow(2, 1, 6, 9, false)
+fn every_parameter_gets_gradient_k1_without_clip_cost_1x1_guidance() -> R<()> {
+    gradient_flow(2, 1, 6, 9, false, 1)
 }
 
 /// The paper grid (24, windows of 12) and the CPU preset grid (14, windows of 7) run at
