@@ -20,17 +20,34 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from make_fixture import ms_deform_attn_reference  # noqa: E402
 
 SHAPES = {
-    # name: (levels, heads, head_dim, points)
-    "paper": ([(96, 96), (48, 48), (24, 24)], 8, 32, 4),
-    "cpu": ([(56, 56), (28, 28), (14, 14)], 4, 32, 4),
+    # name: (levels, heads, head_dim, points, uniform locations, batches)
+    "paper": ([(96, 96), (48, 48), (24, 24)], 8, 32, 4, False, (1, 8)),
+    "cpu": ([(56, 56), (28, 28), (14, 14)], 4, 32, 4, False, (1, 8)),
+    "paper-uniform": ([(96, 96), (48, 48), (24, 24)], 8, 32, 4, True, (1,)),
 }
 
 
-def inputs(shapes, m, dh, p, n):
+def locations(shapes, n, m, p, uniform):
+    """Each query's reference point (its pixel centre normalised by its level's size) plus
+    offsets of up to +-4 pixels of the sampled level, as in the Rust bench; `uniform`:
+    uniform in [0, 1] (cache-hostile stress case)."""
+    s = sum(h * w for h, w in shapes)
+    if uniform:
+        return torch.rand(n, s, m, len(shapes), p, 2)
+    refs = []
+    for h, w in shapes:
+        ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        refs.append(torch.stack([xs.flatten() / w, ys.flatten() / h], -1))
+    refs = torch.cat(refs).view(1, s, 1, 1, 1, 2)
+    inv = torch.tensor([[1.0 / w, 1.0 / h] for h, w in shapes]).view(1, 1, 1, len(shapes), 1, 2)
+    return refs + (torch.rand(n, s, m, len(shapes), p, 2) * 8 - 4) * inv
+
+
+def inputs(shapes, m, dh, p, n, uniform=False):
     s = sum(h * w for h, w in shapes)
     lq = s
     value = torch.randn(n, s, m, dh)
-    loc = torch.rand(n, lq, m, len(shapes), p, 2)
+    loc = locations(shapes, n, m, p, uniform)
     attn = torch.softmax(torch.randn(n, lq, m, len(shapes) * p), -1).view(n, lq, m, len(shapes), p)
     return value, loc, attn
 
@@ -49,9 +66,9 @@ def main():
     torch.set_num_threads(2)
     only = sys.argv[1:] or list(SHAPES)
     for name in only:
-        shapes, m, dh, p = SHAPES[name]
-        for n in (1, 8):
-            value, loc, attn = inputs(shapes, m, dh, p, n)
+        shapes, m, dh, p, uniform, batches = SHAPES[name]
+        for n in batches:
+            value, loc, attn = inputs(shapes, m, dh, p, n, uniform)
             reps = 5 if n == 1 else 3
 
             def fwd():
