@@ -55,9 +55,12 @@ impl ImageF32 {
         h.update(&(self.channels as u64).to_le_bytes());
         h.update(&(self.height as u64).to_le_bytes());
         h.update(&(self.width as u64).to_le_bytes());
+        // One contiguous buffer: hashing 4-byte pieces one by one is several times slower.
+        let mut bytes = Vec::with_capacity(self.data.len() * 4);
         for v in &self.data {
-            h.update(&v.to_le_bytes());
+            bytes.extend_from_slice(&v.to_le_bytes());
         }
+        h.update(&bytes);
         *h.finalize().as_bytes()
     }
 }

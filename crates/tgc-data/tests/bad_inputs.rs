@@ -132,6 +132,19 @@ fn bad_inputs_give_clear_errors() {
             ["broken.nii.gz", "unreadable NIfTI"],
         ),
         (
+            "missing NIfTI label (AbdomenCT-1k layout)",
+            Box::new(|d| {
+                let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/orient_sform.nii.gz");
+                std::fs::create_dir_all(d.join("Image")).unwrap();
+                std::fs::create_dir_all(d.join("Mask")).unwrap();
+                std::fs::copy(src, d.join("Image/Case_00007_0000.nii.gz")).unwrap();
+                NiftiVolumeDataset::open(d, NiftiLayout::AbdomenCt1k, NiftiOptions::default())
+                    .map(|_| ())
+            }),
+            ["Mask/Case_00007.nii.gz", "missing mask"],
+        ),
+        (
             "corrupt cache shard",
             Box::new(|d| {
                 let dir = d.join("cache");

@@ -195,3 +195,68 @@ fn orientation_matches_nibabel_canonical() {
         assert_eq!(vals, wv, "{name}");
     }
 }
+
+#[test]
+fn nifti_layouts_msd_and_abdomenct1k() {
+    let fx = &fixture()["ct"];
+    let ct = data().join("ct-example/example_ct_sm.nii.gz");
+    let seg = data().join("ct-example/example_seg.nii.gz");
+    let dir = tempfile::tempdir().unwrap();
+    // MSD: dataset.json labels in MSD ({"1": "spleen"}) style.
+    let msd = dir.path().join("Task09_Spleen");
+    std::fs::create_dir_all(msd.join("imagesTr")).unwrap();
+    std::fs::create_dir_all(msd.join("labelsTr")).unwrap();
+    std::fs::copy(&ct, msd.join("imagesTr/spleen_1.nii.gz")).unwrap();
+    std::fs::copy(&seg, msd.join("labelsTr/spleen_1.nii.gz")).unwrap();
+    std::fs::write(msd.join("imagesTr/._spleen_1.nii.gz"), b"mac resource fork").unwrap();
+    std::fs::write(
+        msd.join("dataset.json"),
+        r#"{"name": "Spleen", "labels": {"0": "background", "1": "spleen"}}"#,
+    )
+    .unwrap();
+    let ds = NiftiVolumeDataset::open(
+        &msd,
+        NiftiLayout::Msd,
+        NiftiOptions {
+            only_slices_with_organ: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(ds.organs(), &[(1, "spleen".to_string())]);
+    let nonempty = fx["spleen_per_slice"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v.as_u64().unwrap() > 0)
+        .count();
+    assert_eq!(ds.len(), nonempty);
+    assert!(ds.get(0).unwrap().mask.count() > 0);
+    // nnU-Net v2 style labels ({"spleen": 1}) give the same table.
+    std::fs::write(
+        msd.join("dataset.json"),
+        r#"{"labels": {"background": 0, "spleen": 1}}"#,
+    )
+    .unwrap();
+    let ds2 = NiftiVolumeDataset::open(&msd, NiftiLayout::Msd, NiftiOptions::default()).unwrap();
+    assert_eq!(ds2.organs(), ds.organs());
+    assert_eq!(ds2.len(), 30);
+
+    // AbdomenCT-1k: Image/Case_00001_0000.nii.gz + Mask/Case_00001.nii.gz, 4 organs.
+    let ac = dir.path().join("AbdomenCT-1K");
+    std::fs::create_dir_all(ac.join("Image")).unwrap();
+    std::fs::create_dir_all(ac.join("Mask")).unwrap();
+    std::fs::copy(&ct, ac.join("Image/Case_00001_0000.nii.gz")).unwrap();
+    std::fs::copy(&seg, ac.join("Mask/Case_00001.nii.gz")).unwrap();
+    let ds =
+        NiftiVolumeDataset::open(&ac, NiftiLayout::AbdomenCt1k, NiftiOptions::default()).unwrap();
+    assert_eq!(ds.organs().len(), 4);
+    assert_eq!(ds.len(), 30 * 4);
+    // Label 1 ("liver" in AbdomenCT-1k's table) holds the example's spleen voxels here.
+    let total: usize = (0..ds.len())
+        .filter(|&i| ds.locate(i).unwrap().2 == 0)
+        .map(|i| ds.get(i).unwrap().mask.count())
+        .sum();
+    assert_eq!(total as u64, fx["spleen_voxels"].as_u64().unwrap());
+    assert_eq!(ds.get(0).unwrap().caption, "liver");
+}
