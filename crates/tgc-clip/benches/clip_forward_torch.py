@@ -3,8 +3,9 @@
 batch 1, random weights, the same outputs as tgc-clip's encode_image_dense (all tokens,
 post-LN + visual projection on every token), 2 threads, f32, eager attention.
 
-Run from the repository root:  python3 crates/tgc-clip/benches/clip_forward_torch.py
+Run from the repository root:  python3 crates/tgc-clip/benches/clip_forward_torch.py [ITERS] [eager|sdpa]
 """
+import sys
 import time
 
 import torch
@@ -17,7 +18,9 @@ cfg = CLIPVisionConfig(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     image_size=224, patch_size=16, projection_dim=512, hidden_act="quick_gelu",
 )
-for impl in ["eager", "sdpa"]:
+ITERS = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+IMPLS = sys.argv[2:] or ["eager", "sdpa"]
+for impl in IMPLS:
     cfg._attn_implementation = impl
     model = CLIPVisionModelWithProjection(cfg).eval()
     x = torch.randn(1, 3, 224, 224)
@@ -31,7 +34,7 @@ for impl in ["eager", "sdpa"]:
         for _ in range(3):
             fwd()
         times = []
-        for _ in range(20):
+        for _ in range(ITERS):
             t = time.perf_counter()
             fwd()
             times.append(time.perf_counter() - t)
