@@ -13,6 +13,8 @@
 //! - [`resize_bilinear`]: PyTorch `interpolate(mode="bilinear", align_corners=False)` as two
 //!   matrix products, so gradients flow to the input.
 //! - [`masked_mean`]: mean over valid tokens.
+//! - [`softmax_last_dim`]: a fused softmax with an analytic backward (candle's fused one
+//!   has no backward; the generic one is several times slower).
 //! - [`linear_xavier`]: a `Linear` with Xavier-uniform weights and zero bias (the init
 //!   Deformable DETR and CAT-Seg use for their projections).
 //!
@@ -34,6 +36,9 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Init, Linear, VarBuilder};
+
+mod softmax;
+pub use softmax::softmax_last_dim;
 
 /// Layer normalisation over the last dimension, with a working backward pass.
 ///
@@ -164,7 +169,7 @@ impl MultiHeadAttention {
             let bias = ((mask.to_dtype(scores.dtype())? - 1.0)? * 1e9)?.reshape((b, 1, 1, lk))?;
             scores = scores.broadcast_add(&bias)?;
         }
-        let attn = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let attn = softmax_last_dim(&scores)?;
         let out =
             attn.matmul(&vh)?
                 .transpose(1, 2)?

@@ -193,7 +193,14 @@ fn seeded_varmap_is_reproducible_and_follows_the_hints() -> Result<()> {
     let make = |seed: u64| -> Result<(VarMap, Tensor, Tensor)> {
         let vm = VarMap::new();
         let vb = tgc_nn::SeededVarMap::new(&vm, seed).into_var_builder(DType::F32, &dev);
-        let a = vb.get_with_hints((200, 100), "a", Init::Randn { mean: 1.0, stdev: 2.0 })?;
+        let a = vb.get_with_hints(
+            (200, 100),
+            "a",
+            Init::Randn {
+                mean: 1.0,
+                stdev: 2.0,
+            },
+        )?;
         let u = vb.get_with_hints((100, 100), "u", Init::Uniform { lo: -3.0, up: -1.0 })?;
         Ok((vm, a, u))
     };
@@ -206,10 +213,35 @@ fn seeded_varmap_is_reproducible_and_follows_the_hints() -> Result<()> {
     let v: Vec<f32> = a1.flatten_all()?.to_vec1()?;
     let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
     let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
-    assert!((mean - 1.0).abs() < 0.05 && (var.sqrt() - 2.0).abs() < 0.05, "{mean} {var}");
+    assert!(
+        (mean - 1.0).abs() < 0.05 && (var.sqrt() - 2.0).abs() < 0.05,
+        "{mean} {var}"
+    );
     let u: Vec<f32> = u1.flatten_all()?.to_vec1()?;
     assert!(u.iter().all(|&x| (-3.0..-1.0).contains(&x)));
     // The variables are trainable Vars in the map.
     assert_eq!(vm1.all_vars().len(), 2);
+    Ok(())
+}
+
+#[test]
+fn fused_softmax_matches_generic_and_finite_differences() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f64, 3.0, (3, 4, 7), &dev)?;
+    let fused = tgc_nn::softmax_last_dim(&x)?;
+    let generic = candle_nn::ops::softmax(&x, candle_core::D::Minus1)?;
+    assert!(max_abs(&fused, &generic) < 1e-14);
+    // Non-contiguous input (a transpose) is handled.
+    let xt = x.transpose(1, 2)?;
+    let a = tgc_nn::softmax_last_dim(&xt)?;
+    let b = candle_nn::ops::softmax(&xt.contiguous()?, candle_core::D::Minus1)?;
+    assert!(max_abs(&a, &b) < 1e-14);
+    let target = Tensor::randn(0f64, 1.0, (3, 4, 7), &dev)?;
+    let v = Var::from_tensor(&x)?;
+    let err = gradcheck(&v, &|t| (tgc_nn::softmax_last_dim(t)? * &target)?.sum_all())?;
+    assert!(err < 1e-7, "softmax gradient off by {err}");
+    // f32 agrees with f64.
+    let f = tgc_nn::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(DType::F64)?;
+    assert!(max_abs(&f, &fused) < 1e-6);
     Ok(())
 }
