@@ -466,3 +466,27 @@ fn state_snapshot_does_not_change_with_later_steps() -> R {
     assert_ne!(vec_f64(&opt.state_tensors()?["optim.m.p0"]), before);
     Ok(())
 }
+
+#[test]
+fn early_stopping_hand_computed() -> R {
+    use tgc_train::{EarlyStopping, Verdict};
+    let mut es = EarlyStopping::new(2, 0.01)?;
+    assert_eq!(es.update(1, 0.5), Verdict::Improved);
+    assert_eq!(es.update(2, 0.6), Verdict::Improved);
+    assert_eq!(es.update(3, 0.6), Verdict::NoImprovement(1));
+    // Resume from the serialised state mid-way.
+    let mut es = EarlyStopping::from_json(&es.to_json())?;
+    // 0.605 < 0.6 + 0.01: not an improvement -> second bad epoch -> stop.
+    assert_eq!(es.update(4, 0.605), Verdict::Stop);
+    assert_eq!((es.best, es.best_epoch), (Some(0.6), Some(2)));
+    let mut never = EarlyStopping::new(0, 0.0)?;
+    never.update(1, 0.9);
+    for e in 2..10 {
+        assert_eq!(
+            never.update(e, f64::NAN),
+            Verdict::NoImprovement(e as u32 - 1)
+        );
+    }
+    assert!(EarlyStopping::new(1, -1.0).is_err());
+    Ok(())
+}
