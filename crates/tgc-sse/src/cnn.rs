@@ -1,17 +1,116 @@
 //! The lightweight CNN branch of the SSE: a pyramid at 1/8, 1/16 and 1/32.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 
 use crate::config::groups_for;
 use crate::{Error, Result, SseConfig};
 
-/// `Conv kxk (no bias) -> GroupNorm -> optional ReLU`.
+/// A bias-free convolution computed with matrix products, for speed on CPU.
+///
+/// Two cases are supported, the only ones the CNN branch uses:
+/// - `kernel == stride`, no padding (patchify / patch-merging downsampling): a
+///   space-to-depth reshape followed by one matrix product;
+/// - `kernel == 3`, `stride == 1`, padding 1: an explicit unfold (nine shifted views)
+///   followed by one matrix product.
+///
+/// Both give the same result as `torch.nn.Conv2d(bias=False)` with the same `O x I x k x k`
+/// weight, but the backward pass is a matrix product too, several times faster than
+/// candle's generic convolution backward on CPU (see the crate docs for measurements).
+#[derive(Clone, Debug)]
+pub struct MatmulConv {
+    /// `O x I x k x k` (PyTorch layout), flattened to `O x (I*k*k)` for the products.
+    weight: Tensor,
+    c_out: usize,
+    c_in: usize,
+    kernel: usize,
+    stride: usize,
+}
+
+impl MatmulConv {
+    /// Creates `weight` (`c_out x c_in x kernel x kernel`, Kaiming-normal as candle's
+    /// `conv2d`) under `vb`. Errors on an unsupported kernel/stride pair.
+    pub fn new(
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        if !(kernel == stride || (kernel == 3 && stride == 1)) {
+            return Err(Error::Config(format!(
+                "MatmulConv supports kernel == stride or a 3x3 stride-1 kernel, got kernel \
+                 {kernel}, stride {stride}"
+            )));
+        }
+        let weight = vb.get_with_hints(
+            (c_out, c_in, kernel, kernel),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        Ok(Self {
+            weight,
+            c_out,
+            c_in,
+            kernel,
+            stride,
+        })
+    }
+
+    /// `x`: `B x c_in x H x W` -> `B x c_out x H/stride x W/stride` (`H`, `W` divisible by
+    /// `stride`).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        if c != self.c_in {
+            return Err(Error::Input(format!(
+                "MatmulConv expects {} channels, got input {:?}",
+                self.c_in,
+                x.dims()
+            )));
+        }
+        let k = self.kernel;
+        let (cols, ho, wo) = if k == 3 && self.stride == 1 {
+            // Unfold: for each of the 9 offsets a shifted view of the zero-padded input;
+            // stacked after the channel axis to match the weight order (c, ky, kx).
+            let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+            let mut views = Vec::with_capacity(9);
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    views.push(xp.narrow(2, ky, h)?.narrow(3, kx, w)?);
+                }
+            }
+            let cols = Tensor::stack(&views, 2)?.reshape((b, c * 9, h * w))?;
+            (cols, h, w)
+        } else {
+            let p = self.stride;
+            if h % p != 0 || w % p != 0 {
+                return Err(Error::Input(format!(
+                    "MatmulConv with stride {p} needs H and W divisible by {p}, got {:?}",
+                    x.dims()
+                )));
+            }
+            let (ho, wo) = (h / p, w / p);
+            // Space-to-depth: B x C x ho x p x wo x p -> B x (C p p) x (ho wo).
+            let cols = x
+                .reshape((b, c, ho, p, wo, p))?
+                .permute((0, 1, 3, 5, 2, 4))?
+                .contiguous()?
+                .reshape((b, c * p * p, ho * wo))?;
+            (cols, ho, wo)
+        };
+        let wmat = self.weight.reshape((self.c_out, self.c_in * k * k))?;
+        let y = wmat.broadcast_left(b)?.matmul(&cols)?;
+        Ok(y.reshape((b, self.c_out, ho, wo))?)
+    }
+}
+
+/// `Conv kxk (no bias) -> GroupNorm -> optional ReLU`, with the convolution a
+/// [`MatmulConv`] (`kernel == stride`, or 3x3 stride 1).
 ///
 /// The convolution has no bias because the GroupNorm that follows removes it anyway.
 #[derive(Clone, Debug)]
 pub struct ConvNorm {
-    conv: Conv2d,
+    conv: MatmulConv,
     norm: GroupNorm,
     relu: bool,
 }
@@ -28,12 +127,7 @@ impl ConvNorm {
         cfg: &SseConfig,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let conv_cfg = Conv2dConfig {
-            padding: kernel / 2,
-            stride,
-            ..Default::default()
-        };
-        let conv = candle_nn::conv2d_no_bias(c_in, c_out, kernel, conv_cfg, vb.pp("conv"))?;
+        let conv = MatmulConv::new(c_in, c_out, kernel, stride, vb.pp("conv"))?;
         let norm = candle_nn::group_norm(
             groups_for(c_out, cfg.norm_groups),
             c_out,
@@ -73,7 +167,8 @@ impl BasicBlock {
     }
 }
 
-/// One pyramid stage: a stride-2 `ConvNorm` followed by [`BasicBlock`]s.
+/// One pyramid stage: a 2x2 stride-2 `ConvNorm` (patch merging) followed by
+/// [`BasicBlock`]s.
 #[derive(Clone, Debug)]
 struct Stage {
     down: ConvNorm,
@@ -90,14 +185,20 @@ impl Stage {
     }
 }
 
-/// The CNN branch: a stride-4 stem (two stride-2 3x3 convolutions) and three stages that
-/// each halve the resolution, giving `F_cnn^1/8`, `F_cnn^1/16`, `F_cnn^1/32`.
+/// The CNN branch: a stride-4 stem and three stages that each halve the resolution,
+/// giving `F_cnn^1/8`, `F_cnn^1/16`, `F_cnn^1/32`.
 ///
-/// The stem reaches 1/4 with only `stem_channels` channels because convolutions at high
-/// resolution dominate the cost on CPU; all convolutions use `GroupNorm` (identical in
-/// training and evaluation, independent of the batch size) and ReLU.
+/// - stem: `Conv4x4/4(in -> stem)` (patchify) + GN + ReLU, then `Conv3x3(stem -> stem)` +
+///   GN + ReLU at 1/4;
+/// - stage `i` (1/8, 1/16, 1/32): `Conv2x2/2(c_in -> C_i)` (patch merging) + GN + ReLU,
+///   then `cnn_blocks[i]` residual [`BasicBlock`]s.
 ///
-/// Weights: `stem.0.*`, `stem.1.*`, `stages.{0,1,2}.down.*`,
+/// Downsampling early with non-overlapping patch convolutions keeps the high-resolution
+/// work small (the CPU preset trains on two cores), and every convolution is a
+/// [`MatmulConv`], whose backward pass is a matrix product. GroupNorm (not BatchNorm)
+/// makes training and evaluation identical and independent of the batch size.
+///
+/// Weights: `stem.{0,1}.{conv,norm}.*`, `stages.{0,1,2}.down.*`,
 /// `stages.{i}.blocks.{j}.{conv1,conv2}.*`.
 #[derive(Clone, Debug)]
 pub struct CnnBranch {
@@ -111,14 +212,14 @@ impl CnnBranch {
     pub fn new(cfg: &SseConfig, vb: VarBuilder) -> Result<Self> {
         let s = cfg.stem_channels;
         let stem = [
-            ConvNorm::new(cfg.in_channels, s, 3, 2, true, cfg, vb.pp("stem.0"))?,
-            ConvNorm::new(s, s, 3, 2, true, cfg, vb.pp("stem.1"))?,
+            ConvNorm::new(cfg.in_channels, s, 4, 4, true, cfg, vb.pp("stem.0"))?,
+            ConvNorm::new(s, s, 3, 1, true, cfg, vb.pp("stem.1"))?,
         ];
         let mut stages = Vec::with_capacity(3);
         let mut c_in = s;
         for (i, (&c, &n)) in cfg.cnn_channels.iter().zip(&cfg.cnn_blocks).enumerate() {
             let vb_s = vb.pp(format!("stages.{i}"));
-            let down = ConvNorm::new(c_in, c, 3, 2, true, cfg, vb_s.pp("down"))?;
+            let down = ConvNorm::new(c_in, c, 2, 2, true, cfg, vb_s.pp("down"))?;
             let blocks = (0..n)
                 .map(|j| BasicBlock::new(c, cfg, vb_s.pp(format!("blocks.{j}"))))
                 .collect::<Result<Vec<_>>>()?;
@@ -135,9 +236,9 @@ impl CnnBranch {
     /// `image`: `B x in_channels x S x S` with `S` a multiple of 32 ->
     /// `[B x C_8 x S/8 x S/8, B x C_16 x S/16 x S/16, B x C_32 x S/32 x S/32]`.
     ///
-    /// Errors on a non-square image or one whose side is not a multiple of 32: candle's
-    /// strided convolution fails on some non-square shapes, and the pyramid levels must
-    /// be exact halvings of each other.
+    /// Errors on a non-square image or one whose side is not a multiple of 32: the CLIP
+    /// patch grid it is fused with is square, and the pyramid levels must be exact
+    /// halvings of each other.
     pub fn forward(&self, image: &Tensor) -> Result<[Tensor; 3]> {
         check_image(image, self.in_channels)?;
         let mut x = self.stem[1].forward(&self.stem[0].forward(image)?)?;
@@ -167,8 +268,8 @@ pub(crate) fn check_image(image: &Tensor, in_channels: usize) -> Result<usize> {
     }
     if h != w {
         return bad(format!(
-            "the CNN branch needs a square image (strided convolutions of candle fail on some \
-             non-square shapes), got {h} x {w}"
+            "the CNN branch needs a square image (its 1/32 grid is fused with the square CLIP \
+             patch grid), got {h} x {w}"
         ));
     }
     if h == 0 || h % 32 != 0 {

@@ -46,9 +46,10 @@ pub struct SseConfig {
     pub in_channels: usize,
     /// CNN channel widths at 1/8, 1/16 and 1/32 (`C_8, C_16, C_32`).
     pub cnn_channels: [usize; 3],
-    /// Width of the stem (the two stride-2 convolutions that reach 1/4).
+    /// Width of the stem (a 4x4 stride-4 patchify convolution and a 3x3 convolution at
+    /// 1/4).
     pub stem_channels: usize,
-    /// Residual blocks (two 3x3 convolutions each) after the stride-2 convolution of each
+    /// Residual blocks (two 3x3 convolutions each) after the 2x2 stride-2 convolution of each
     /// stage (1/8, 1/16, 1/32).
     pub cnn_blocks: [usize; 3],
     /// Width `D_v` of the CLIP patch tokens (1024 for ViT-L/14).
@@ -72,7 +73,7 @@ impl Default for SseConfig {
             in_channels: 3,
             cnn_channels: [64, 128, 256],
             stem_channels: 32,
-            cnn_blocks: [1, 0, 0],
+            cnn_blocks: [1, 1, 0],
             clip_dim: 1024,
             d_model: 256,
             msda: MsDeformAttnConfig::default(),

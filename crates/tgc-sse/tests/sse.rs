@@ -457,10 +457,11 @@ fn gradients_reach_every_parameter_cnn_only() {
 fn cnn_proj_formula(cfg: &SseConfig) -> usize {
     let conv_gn = |ci: usize, co: usize, k: usize| ci * co * k * k + 2 * co;
     let s = cfg.stem_channels;
-    let mut n = conv_gn(cfg.in_channels, s, 3) + conv_gn(s, s, 3);
+    // Stem: 4x4 patchify + 3x3; stages: 2x2 patch merging + residual blocks.
+    let mut n = conv_gn(cfg.in_channels, s, 4) + conv_gn(s, s, 3);
     let mut c_in = s;
     for (&c, &blocks) in cfg.cnn_channels.iter().zip(&cfg.cnn_blocks) {
-        n += conv_gn(c_in, c, 3) + blocks * 2 * conv_gn(c, c, 3);
+        n += conv_gn(c_in, c, 2) + blocks * 2 * conv_gn(c, c, 3);
         c_in = c;
     }
     let d = cfg.d_model;
