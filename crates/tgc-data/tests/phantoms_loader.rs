@@ -89,6 +89,22 @@ fn caption_decides_the_target() {
         );
     }
     assert!(captions.len() > 20, "captions vary: {}", captions.len());
+    // A text-blind predictor that segments every candidate lesion scores clearly worse
+    // than the caption-aware one (which is exact by construction).
+    let mut blind = SegMetrics::new();
+    for i in 0..ds.len() {
+        let d = ds.get_detailed(i).unwrap();
+        let mut union = vec![0f32; 64 * 64];
+        for c in &d.candidates {
+            for (u, &v) in union.iter_mut().zip(&c.data) {
+                *u = u.max(v as f32);
+            }
+        }
+        let t: Vec<f32> = d.sample.mask.data.iter().map(|&v| v as f32).collect();
+        blind.update_slices(&union, &t, 1).unwrap();
+    }
+    let s = blind.summary();
+    assert!(s.dice < 0.75, "text-blind Dice {}", s.dice);
 }
 
 #[test]
