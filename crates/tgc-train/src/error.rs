@@ -85,6 +85,14 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// A dataset, loader, metric or feature-cache error (names the file).
+    #[error("data: {0}")]
+    Data(Box<tgc_data::Error>),
+
+    /// A model error (config, weights, input).
+    #[error("model: {0}")]
+    Model(Box<tgc_model::Error>),
+
     /// Drawing or encoding an image failed.
     #[error("image {path}: {reason}")]
     Image {
@@ -93,6 +101,18 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+}
+
+impl From<tgc_data::Error> for Error {
+    fn from(e: tgc_data::Error) -> Self {
+        Error::Data(Box::new(e))
+    }
+}
+
+impl From<tgc_model::Error> for Error {
+    fn from(e: tgc_model::Error) -> Self {
+        Error::Model(Box::new(e))
+    }
 }
 
 /// Result with the crate's [`Error`].

@@ -85,6 +85,7 @@ pub mod optim;
 pub mod overlay;
 pub mod plot;
 pub mod schedule;
+pub mod trainer;
 
 pub use checkpoint::{
     check_config_compatible, load_checkpoint, save_checkpoint, Checkpoint, FORMAT_VERSION,
@@ -98,3 +99,7 @@ pub use optim::{clip_grad_norm, AdamW, AdamWConfig, StepStats};
 pub use overlay::{render_overlay, write_overlay, OverlayConfig};
 pub use plot::{plot_curves, plot_curves_from_jsonl, PlotConfig};
 pub use schedule::WarmupCosine;
+pub use trainer::{
+    batch_logits, evaluate, EpochRecord, FeatureStore, ImageScore, TrainConfig, TrainSummary,
+    Trainer,
+};

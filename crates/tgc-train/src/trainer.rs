@@ -1,0 +1,721 @@
+//! The training and evaluation loops of TGC-Net: [`Trainer`], [`evaluate`].
+//!
+//! The frozen towers' outputs are computed once per (image, augmentation variant) and per
+//! prompt and kept in a [`FeatureStore`] (in memory, plus an on-disk
+//! [`tgc_data::FeatureCache`] for images when a cache folder is given); every step then
+//! runs only the trainable modules. Checkpoints hold the trainable weights, the AdamW
+//! moments, the step, the epoch and the early-stopping state, so a resumed run continues
+//! bit for bit (dropout off, as in the `cpu` and `tiny` presets).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use tgc_data::{
+    Augment, Batch, DataLoader, FeatureCache, MetricsSummary, Preprocess, SegDataset, SegMetrics,
+};
+use tgc_model::{ImageFeatures, PromptFeatures, TgcNet};
+
+use crate::checkpoint::{self, META_BEST_METRIC, META_CONFIG, META_EPOCH, META_STEP};
+use crate::{
+    dice_bce, AdamW, AdamWConfig, EarlyStopping, Error, MetricsWriter, Result, Verdict,
+    WarmupCosine,
+};
+
+/// Metadata key of the position inside the current epoch (batches done).
+pub const META_BATCH_IN_EPOCH: &str = "tgc.batch_in_epoch";
+/// Metadata key of the early-stopping state (JSON).
+pub const META_EARLY_STOP: &str = "tgc.early_stop";
+/// Metadata key of the model config (JSON), as `tgc_model` reads it.
+pub const META_MODEL_CONFIG: &str = tgc_model::CONFIG_METADATA_KEY;
+
+/// Hyper-parameters of a training run. `Default` is the paper's recipe with the QaTa
+/// learning rate; see [`TrainConfig::for_dataset`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    /// Epochs to train (an upper bound with early stopping).
+    pub epochs: usize,
+    /// Stop after this many optimiser steps in total (for short runs and tests).
+    pub max_steps: Option<u64>,
+    /// Images per batch (8).
+    pub batch_size: usize,
+    /// Peak learning rate (2e-5 QaTa-COV19, 5e-4 MosMedData+, 2e-4 abdominal CT).
+    pub lr: f64,
+    /// AdamW weight decay (1e-4).
+    pub weight_decay: f64,
+    /// Fraction of the total steps spent in linear warm-up (0.05).
+    pub warmup_frac: f64,
+    /// Final learning rate as a fraction of `lr` (0.01).
+    pub min_lr_frac: f64,
+    /// Global gradient-norm clip (1.0; 0 disables).
+    pub grad_clip: f64,
+    /// Weight of BCE in the loss (0.5); Dice gets `1 - bce_weight`.
+    pub bce_weight: f64,
+    /// Seed of the data order, augmentation and initialisation.
+    pub seed: u64,
+    /// Early-stopping patience in epochs (0 disables).
+    pub patience: u32,
+    /// Horizontal flips (with left/right swapped in the prompts); cacheable.
+    pub flip: bool,
+    /// Folder of the on-disk image feature cache (none: memory only).
+    pub cache_dir: Option<PathBuf>,
+    /// Keep frozen features in memory between epochs (false: recompute every step, the
+    /// "without cache" timing).
+    pub use_cache: bool,
+    /// Validation images written as overlays each epoch.
+    pub overlays: usize,
+    /// Show progress bars.
+    pub progress: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 100,
+            max_steps: None,
+            batch_size: 8,
+            lr: 2e-5,
+            weight_decay: 1e-4,
+            warmup_frac: 0.05,
+            min_lr_frac: 0.01,
+            grad_clip: 1.0,
+            bce_weight: 0.5,
+            seed: 42,
+            patience: 10,
+            flip: true,
+            cache_dir: None,
+            use_cache: true,
+            overlays: 4,
+            progress: true,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The paper's learning rate for a dataset: `qata` 2e-5, `mosmed` 5e-4, `ct` 2e-4.
+    pub fn for_dataset(name: &str) -> Self {
+        let lr = match name {
+            "mosmed" | "mosmeddata+" => 5e-4,
+            "ct" | "abdomen" | "msd" | "word" | "abdomenct1k" => 2e-4,
+            _ => 2e-5,
+        };
+        Self {
+            lr,
+            ..Self::default()
+        }
+    }
+}
+
+/// Frozen features computed once and reused: images by (content hash, variant), prompts
+/// by text.
+pub struct FeatureStore {
+    images: HashMap<([u8; 32], u64), ImageFeatures>,
+    prompts: HashMap<String, PromptFeatures>,
+    disk: Option<FeatureCache>,
+    pending: Vec<(tgc_data::CacheKey, Vec<(String, Tensor)>)>,
+    preprocess_id: String,
+    keep: bool,
+}
+
+impl FeatureStore {
+    /// A store; `disk` adds a persistent image cache, `keep` = false disables reuse.
+    pub fn new(disk: Option<FeatureCache>, preprocess: &Preprocess, keep: bool) -> Self {
+        Self {
+            images: HashMap::new(),
+            prompts: HashMap::new(),
+            disk,
+            pending: Vec::new(),
+            preprocess_id: preprocess.id(),
+            keep,
+        }
+    }
+
+    /// Image features of a batch, computing the missing ones with the model's towers.
+    pub fn images(&mut self, model: &TgcNet, batch: &Batch) -> Result<ImageFeatures> {
+        let n = batch.len();
+        let mut out: Vec<Option<ImageFeatures>> = vec![None; n];
+        let mut missing = vec![];
+        for i in 0..n {
+            let key = (batch.image_hashes[i], batch.variants[i]);
+            if let Some(f) = self.images.get(&key) {
+                out[i] = Some(f.clone());
+                continue;
+            }
+            if let Some(disk) = &self.disk {
+                let k = disk.key_for_image(
+                    &batch.image_hashes[i],
+                    &self.preprocess_id,
+                    batch.variants[i],
+                );
+                if let Some(t) = disk.get(&k)? {
+                    let (Some(p), Some(d)) = (t.get("patch"), t.get("dense")) else {
+                        return Err(Error::InvalidArgument(format!(
+                            "feature cache {} has an entry without patch/dense tensors",
+                            disk.dir().display()
+                        )));
+                    };
+                    out[i] = Some(ImageFeatures {
+                        patch_tokens: p.unsqueeze(0)?.to_device(model.device())?,
+                        dense_embeds: d.unsqueeze(0)?.to_device(model.device())?,
+                    });
+                    continue;
+                }
+            }
+            missing.push(i);
+        }
+        if !missing.is_empty() {
+            let idx = Tensor::new(
+                missing.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                batch.clip_images.device(),
+            )?;
+            let imgs = batch.clip_images.index_select(&idx, 0)?;
+            let f = model.towers().encode_images(&imgs).map_err(model_err)?;
+            for (j, &i) in missing.iter().enumerate() {
+                let one = ImageFeatures {
+                    patch_tokens: f.patch_tokens.narrow(0, j, 1)?,
+                    dense_embeds: f.dense_embeds.narrow(0, j, 1)?,
+                };
+                if let Some(disk) = &self.disk {
+                    let k = disk.key_for_image(
+                        &batch.image_hashes[i],
+                        &self.preprocess_id,
+                        batch.variants[i],
+                    );
+                    self.pending.push((
+                        k,
+                        vec![
+                            ("patch".into(), one.patch_tokens.squeeze(0)?),
+                            ("dense".into(), one.dense_embeds.squeeze(0)?),
+                        ],
+                    ));
+                } else if self.keep {
+                    self.images
+                        .insert((batch.image_hashes[i], batch.variants[i]), one.clone());
+                }
+                out[i] = Some(one);
+            }
+        }
+        let items: Vec<&ImageFeatures> = out
+            .iter()
+            .map(|f| f.as_ref().expect("filled above"))
+            .collect();
+        ImageFeatures::cat(&items).map_err(model_err)
+    }
+
+    /// Features of `texts` (one row each), computing the missing ones.
+    pub fn prompts(&mut self, model: &TgcNet, texts: &[String]) -> Result<PromptFeatures> {
+        let missing: Vec<String> = {
+            let mut m: Vec<String> = texts
+                .iter()
+                .filter(|t| !self.prompts.contains_key(*t))
+                .cloned()
+                .collect();
+            m.sort();
+            m.dedup();
+            m
+        };
+        if !missing.is_empty() {
+            let f = model.towers().encode_prompts(&missing).map_err(model_err)?;
+            for (j, t) in missing.iter().enumerate() {
+                let one = PromptFeatures {
+                    states: f.states.narrow(0, j, 1)?,
+                    mask: f.mask.narrow(0, j, 1)?,
+                    pool: f.pool.narrow(0, j, 1)?,
+                    embeds: f.embeds.as_ref().map(|e| e.narrow(0, j, 1)).transpose()?,
+                };
+                self.prompts.insert(t.clone(), one);
+            }
+        }
+        let items: Vec<&PromptFeatures> = texts.iter().map(|t| &self.prompts[t]).collect();
+        let out = PromptFeatures::cat(&items).map_err(model_err)?;
+        if !self.keep {
+            self.prompts.clear();
+        }
+        Ok(out)
+    }
+
+    /// Writes computed image features to the disk cache (if any).
+    pub fn flush(&mut self) -> Result<()> {
+        if let Some(disk) = &mut self.disk {
+            if !self.pending.is_empty() {
+                disk.insert_many(std::mem::take(&mut self.pending))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn model_err(e: tgc_model::Error) -> Error {
+    Error::from(e)
+}
+
+/// Logits `B x 1 x S x S` of a batch, its primary prompts and aux prompts as the model
+/// sees them.
+pub fn batch_logits(
+    model: &TgcNet,
+    store: &mut FeatureStore,
+    batch: &Batch,
+    train: bool,
+) -> Result<Tensor> {
+    let image = store.images(model, batch)?;
+    let mut prim = Vec::with_capacity(batch.len());
+    let mut aux = Vec::with_capacity(batch.len());
+    for (c, a) in batch.captions.iter().zip(&batch.aux_captions) {
+        let (p, x) = model.effective_prompts(c, a);
+        prim.push(p);
+        if let Some(x) = x {
+            aux.push(x);
+        }
+    }
+    let primary = store.prompts(model, &prim)?;
+    let aux = if aux.is_empty() {
+        None
+    } else {
+        Some(store.prompts(model, &aux)?)
+    };
+    model
+        .forward_features(&image, &batch.cnn_images, &primary, aux.as_ref(), 1, train)
+        .map_err(model_err)
+}
+
+/// Per-image scores of an evaluation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageScore {
+    /// Sample id.
+    pub id: String,
+    /// LViT Dice of this image.
+    pub dice: f64,
+    /// IoU of this image.
+    pub iou: f64,
+}
+
+/// Evaluates `model` on `dataset` (no augmentation): LViT metrics and per-image scores.
+/// Calls `on_batch(batch, probs)` for every batch (for overlays or predictions).
+pub fn evaluate(
+    model: &TgcNet,
+    dataset: Arc<dyn SegDataset>,
+    preprocess: Preprocess,
+    batch_size: usize,
+    store: &mut FeatureStore,
+    progress: bool,
+    mut on_batch: impl FnMut(&Batch, &Tensor) -> Result<()>,
+) -> Result<(MetricsSummary, Vec<ImageScore>)> {
+    let loader = DataLoader::new(
+        dataset,
+        preprocess,
+        batch_size,
+        None,
+        Augment::off(),
+        model.device().clone(),
+    );
+    let bar = bar(loader.num_batches() as u64, progress, "eval");
+    let mut metrics = SegMetrics::new();
+    let mut scores = vec![];
+    for batch in loader.epoch(0) {
+        let batch = batch?;
+        let probs = candle_nn::ops::sigmoid(&batch_logits(model, store, &batch, false)?)?;
+        metrics.update(&probs, &batch.masks)?;
+        for i in 0..batch.len() {
+            let mut one = SegMetrics::new();
+            one.update(&probs.narrow(0, i, 1)?, &batch.masks.narrow(0, i, 1)?)?;
+            let s = one.summary();
+            scores.push(ImageScore {
+                id: batch.ids[i].clone(),
+                dice: s.dice,
+                iou: s.iou,
+            });
+        }
+        on_batch(&batch, &probs)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    store.flush()?;
+    Ok((metrics.summary(), scores))
+}
+
+fn bar(len: u64, show: bool, what: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed}}<{{eta}}]"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    b
+}
+
+/// One line of the metrics log.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// Epoch (1-based).
+    pub epoch: usize,
+    /// Optimiser steps so far.
+    pub step: u64,
+    /// Mean training loss of the epoch.
+    pub train_loss: f64,
+    /// Validation Dice (LViT, per image).
+    pub val_dice: f64,
+    /// Validation mIoU (LViT, per image).
+    pub val_iou: f64,
+    /// Validation pixel-pooled Dice.
+    pub val_micro_dice: f64,
+    /// Training images per second (trainable modules and feature lookup).
+    pub images_per_sec: f64,
+    /// Wall time of the training part of the epoch, seconds.
+    pub epoch_seconds: f64,
+    /// Learning rate at the end of the epoch.
+    pub lr: f64,
+}
+
+/// The outcome of [`Trainer::fit`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// Epoch records.
+    pub epochs: Vec<EpochRecord>,
+    /// Best validation Dice.
+    pub best_val_dice: f64,
+    /// Optimiser steps taken in total.
+    pub steps: u64,
+    /// Path of the best checkpoint.
+    pub best_checkpoint: PathBuf,
+}
+
+/// A training run: the model, its optimiser and schedule, data and output folder.
+pub struct Trainer<'a> {
+    model: &'a TgcNet,
+    cfg: TrainConfig,
+    opt: AdamW,
+    schedule: WarmupCosine,
+    train: DataLoader,
+    val: Arc<dyn SegDataset>,
+    preprocess: Preprocess,
+    store: FeatureStore,
+    out_dir: PathBuf,
+    early: EarlyStopping,
+    epoch: usize,
+    batch_in_epoch: usize,
+    best: f64,
+}
+
+impl<'a> Trainer<'a> {
+    /// Sets up a run writing to `out_dir` (`last.safetensors`, `best.safetensors`,
+    /// `metrics.jsonl`, `curves.png`, `overlays/`).
+    pub fn new(
+        model: &'a TgcNet,
+        cfg: TrainConfig,
+        train: Arc<dyn SegDataset>,
+        val: Arc<dyn SegDataset>,
+        preprocess: Preprocess,
+        out_dir: impl AsRef<Path>,
+    ) -> Result<Self> {
+        let out_dir = out_dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&out_dir).map_err(|e| Error::io("creating", &out_dir, e))?;
+        if cfg.batch_size == 0 || cfg.epochs == 0 {
+            return Err(Error::InvalidArgument(
+                "batch_size and epochs must be positive".into(),
+            ));
+        }
+        let augment = if cfg.flip {
+            Augment::flip_only()
+        } else {
+            Augment::off()
+        };
+        let loader = DataLoader::new(
+            train,
+            preprocess,
+            cfg.batch_size,
+            Some(cfg.seed),
+            augment,
+            model.device().clone(),
+        )
+        .with_drop_last(false);
+        let per_epoch = loader.num_batches() as u64;
+        let total = cfg
+            .max_steps
+            .unwrap_or(per_epoch * cfg.epochs as u64)
+            .max(1);
+        let warmup = ((total as f64) * cfg.warmup_frac).round() as u64;
+        let schedule = WarmupCosine::new(cfg.lr, warmup, total, cfg.lr * cfg.min_lr_frac)?;
+        let opt = AdamW::new(
+            model.trainable_vars(),
+            AdamWConfig {
+                lr: cfg.lr,
+                weight_decay: cfg.weight_decay,
+                ..AdamWConfig::default()
+            },
+        )?;
+        let disk = match &cfg.cache_dir {
+            Some(dir) if cfg.use_cache => {
+                let id = model.config().frozen_id("");
+                Some(FeatureCache::open(dir, &id)?)
+            }
+            _ => None,
+        };
+        let store = FeatureStore::new(disk, &preprocess, cfg.use_cache);
+        let early = EarlyStopping::new(cfg.patience.max(1), 0.0)?;
+        Ok(Self {
+            model,
+            opt,
+            schedule,
+            train: loader,
+            val,
+            preprocess,
+            store,
+            out_dir,
+            early,
+            epoch: 0,
+            batch_in_epoch: 0,
+            best: f64::NEG_INFINITY,
+            cfg,
+        })
+    }
+
+    /// Path of the rolling checkpoint.
+    pub fn last_checkpoint(&self) -> PathBuf {
+        self.out_dir.join("last.safetensors")
+    }
+
+    /// Path of the best checkpoint.
+    pub fn best_checkpoint(&self) -> PathBuf {
+        self.out_dir.join("best.safetensors")
+    }
+
+    /// Optimiser steps taken.
+    pub fn steps(&self) -> u64 {
+        self.opt.steps()
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors = self.opt.state_tensors()?;
+        tensors.extend(self.model.trainable_tensors());
+        let mut meta = HashMap::new();
+        meta.insert(
+            META_MODEL_CONFIG.to_string(),
+            serde_json::to_string(self.model.config())
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?,
+        );
+        meta.insert(
+            META_CONFIG.to_string(),
+            serde_json::to_string(&self.cfg).map_err(|e| Error::InvalidArgument(e.to_string()))?,
+        );
+        meta.insert(META_STEP.to_string(), self.opt.steps().to_string());
+        meta.insert(META_EPOCH.to_string(), self.epoch.to_string());
+        meta.insert(
+            META_BATCH_IN_EPOCH.to_string(),
+            self.batch_in_epoch.to_string(),
+        );
+        meta.insert(META_BEST_METRIC.to_string(), format!("{:e}", self.best));
+        meta.insert(META_EARLY_STOP.to_string(), self.early.to_json());
+        checkpoint::save_checkpoint(path, &tensors, &meta)
+    }
+
+    /// Restores weights, optimiser moments and position from a checkpoint written by this
+    /// trainer (e.g. `last.safetensors` of an interrupted run).
+    pub fn resume(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let ck = checkpoint::load_checkpoint(path, self.model.device())?;
+        self.model.load_weights(path).map_err(model_err)?;
+        self.opt.load_state(&ck.tensors)?;
+        self.epoch = ck.meta_parse(META_EPOCH)?;
+        self.batch_in_epoch = ck.meta_parse(META_BATCH_IN_EPOCH)?;
+        self.best = ck.meta_parse(META_BEST_METRIC)?;
+        self.early = EarlyStopping::from_json(ck.meta(META_EARLY_STOP)?)?;
+        Ok(())
+    }
+
+    /// Trains until the epochs or `max_steps` run out or early stopping fires; validates
+    /// and checkpoints after every epoch (and at `max_steps`).
+    pub fn fit(&mut self) -> Result<TrainSummary> {
+        let log_path = self.out_dir.join("metrics.jsonl");
+        let mut log = if self.opt.steps() > 0 {
+            MetricsWriter::append(&log_path)?
+        } else {
+            MetricsWriter::create(&log_path)?
+        };
+        let mut records = vec![];
+        let w_bce = self.cfg.bce_weight;
+        'epochs: while self.epoch < self.cfg.epochs {
+            let per_epoch = self.train.num_batches();
+            let bar = bar(
+                per_epoch as u64,
+                self.cfg.progress,
+                &format!("epoch {}", self.epoch + 1),
+            );
+            bar.set_position(self.batch_in_epoch as u64);
+            let start = Instant::now();
+            let (mut loss_sum, mut n_batches, mut n_images) = (0f64, 0usize, 0usize);
+            for (bi, batch) in self.train.epoch(self.epoch).enumerate() {
+                if bi < self.batch_in_epoch {
+                    continue;
+                }
+                if self.cfg.max_steps.is_some_and(|m| self.opt.steps() >= m) {
+                    break;
+                }
+                let batch = batch?;
+                let logits = batch_logits(self.model, &mut self.store, &batch, true)?;
+                let loss = dice_bce(&logits, &batch.masks, w_bce, 1.0 - w_bce)?;
+                let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if let Err(e) = crate::check_finite(value, self.opt.steps(), &batch.ids) {
+                    bar.abandon();
+                    return Err(Error::InvalidArgument(format!(
+                        "{e}; the last good checkpoint is {}",
+                        self.last_checkpoint().display()
+                    )));
+                }
+                let mut grads = loss.backward()?;
+                if self.cfg.grad_clip > 0.0 {
+                    self.opt.clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
+                }
+                let lr = self.schedule.lr_at(self.opt.steps());
+                let stats = self.opt.step(&grads, lr)?;
+                if !stats.missing_grads.is_empty() {
+                    return Err(Error::InvalidArgument(format!(
+                        "trainable parameters without a gradient: {}",
+                        stats.missing_grads.join(", ")
+                    )));
+                }
+                self.batch_in_epoch = bi + 1;
+                loss_sum += value;
+                n_batches += 1;
+                n_images += batch.len();
+                bar.inc(1);
+                bar.set_message(format!(
+                    "loss {:.4} {:.1} img/s",
+                    loss_sum / n_batches as f64,
+                    n_images as f64 / start.elapsed().as_secs_f64()
+                ));
+            }
+            bar.finish_and_clear();
+            self.store.flush()?;
+            let stopped_early = self.cfg.max_steps.is_some_and(|m| self.opt.steps() >= m)
+                && self.batch_in_epoch < per_epoch;
+            if stopped_early {
+                // Mid-epoch stop: keep the position for an exact resume.
+                self.save(&self.last_checkpoint())?;
+                break 'epochs;
+            }
+            let seconds = start.elapsed().as_secs_f64();
+            self.epoch += 1;
+            self.batch_in_epoch = 0;
+            let (summary, _) = self.validate()?;
+            let rec = EpochRecord {
+                epoch: self.epoch,
+                step: self.opt.steps(),
+                train_loss: if n_batches > 0 {
+                    loss_sum / n_batches as f64
+                } else {
+                    f64::NAN
+                },
+                val_dice: summary.dice,
+                val_iou: summary.iou,
+                val_micro_dice: summary.micro_dice,
+                images_per_sec: n_images as f64 / seconds.max(1e-9),
+                epoch_seconds: seconds,
+                lr: self.schedule.lr_at(self.opt.steps()),
+            };
+            log.write(&rec)?;
+            if self.cfg.progress {
+                eprintln!(
+                    "epoch {} step {}: loss {:.4}, val Dice {:.2} mIoU {:.2} (micro Dice {:.2}), {:.1} img/s",
+                    rec.epoch,
+                    rec.step,
+                    rec.train_loss,
+                    100.0 * rec.val_dice,
+                    100.0 * rec.val_iou,
+                    100.0 * rec.val_micro_dice,
+                    rec.images_per_sec
+                );
+            }
+            records.push(rec);
+            let verdict = self.early.update(self.epoch as u64, summary.dice);
+            if summary.dice > self.best {
+                self.best = summary.dice;
+                self.save(&self.best_checkpoint())?;
+            }
+            self.save(&self.last_checkpoint())?;
+            let _ = crate::plot_curves_from_jsonl(
+                &log_path,
+                self.out_dir.join("curves.png"),
+                &crate::PlotConfig::default(),
+            );
+            if self.cfg.patience > 0 && verdict == Verdict::Stop {
+                break;
+            }
+            if self.cfg.max_steps.is_some_and(|m| self.opt.steps() >= m) {
+                break;
+            }
+        }
+        Ok(TrainSummary {
+            epochs: records,
+            best_val_dice: self.best,
+            steps: self.opt.steps(),
+            best_checkpoint: self.best_checkpoint(),
+        })
+    }
+
+    /// Validates the current weights; writes overlays of the first images.
+    pub fn validate(&mut self) -> Result<(MetricsSummary, Vec<ImageScore>)> {
+        let overlays = self.cfg.overlays;
+        let dir = self.out_dir.join("overlays");
+        let mut written = 0usize;
+        let epoch = self.epoch;
+        evaluate(
+            self.model,
+            self.val.clone(),
+            self.preprocess,
+            self.cfg.batch_size,
+            &mut self.store,
+            self.cfg.progress,
+            |batch, probs| {
+                if written >= overlays {
+                    return Ok(());
+                }
+                std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+                for i in 0..batch.len().min(overlays - written) {
+                    let s = self.preprocess.label_size;
+                    // Undo the CNN normalisation for display, at label size.
+                    let img = tgc_nn::resize_bilinear(
+                        &batch.cnn_images.narrow(0, i, 1)?.narrow(1, 0, 1)?,
+                        s,
+                        s,
+                    )?;
+                    let img = ((img.squeeze(0)?.squeeze(0)? + 1.0)? * 0.5)?;
+                    let pred = probs.get(i)?.get(0)?;
+                    let gt = batch.masks.get(i)?.get(0)?;
+                    crate::write_overlay(
+                        &img,
+                        &pred,
+                        Some(&gt),
+                        &batch.captions[i],
+                        dir.join(format!(
+                            "epoch{epoch:03}_{i}_{}.png",
+                            sanitize(&batch.ids[i])
+                        )),
+                    )?;
+                    written += 1;
+                }
+                Ok(())
+            },
+        )
+    }
+}
+
+fn sanitize(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
