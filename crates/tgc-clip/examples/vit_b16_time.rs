@@ -13,7 +13,11 @@ fn main() -> tgc_clip::Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     let dev = Device::Cpu;
-    let model = ClipModel::load(&ClipConfig::vit_b16(), &WeightSource::Random { seed: 0 }, &dev)?;
+    let model = ClipModel::load(
+        &ClipConfig::vit_b16(),
+        &WeightSource::Random { seed: 0 },
+        &dev,
+    )?;
     let img = Tensor::randn(0f32, 1f32, (1, 3, 224, 224), &dev)?;
     for _ in 0..2 {
         model.encode_image_dense(&img)?;
