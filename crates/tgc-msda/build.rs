@@ -31,5 +31,8 @@ fn main() {
     let status = cmd.status().unwrap_or_else(|e| {
         panic!("tgc-msda: feature `cuda` needs nvcc ({nvcc}) to compile kernels/msda.cu: {e}")
     });
-    assert!(status.success(), "tgc-msda: nvcc failed on kernels/msda.cu ({status})");
+    assert!(
+        status.success(),
+        "tgc-msda: nvcc failed on kernels/msda.cu ({status})"
+    );
 }

@@ -46,18 +46,34 @@ fn locations(shapes: &[(usize, usize)], n: usize, m: usize, p: usize, uniform: b
         }
     }
     let refs = Tensor::from_vec(refs, (1, s, 1, 1, 1, 2), &dev).unwrap();
-    let inv: Vec<f32> = shapes.iter().flat_map(|&(h, w)| [1.0 / w as f32, 1.0 / h as f32]).collect();
+    let inv: Vec<f32> = shapes
+        .iter()
+        .flat_map(|&(h, w)| [1.0 / w as f32, 1.0 / h as f32])
+        .collect();
     let inv = Tensor::from_vec(inv, (1, 1, 1, l, 1, 2), &dev).unwrap();
     let off = Tensor::rand(-4f32, 4.0, (n, s, m, l, p, 2), &dev).unwrap();
-    refs.broadcast_add(&off.broadcast_mul(&inv).unwrap()).unwrap().contiguous().unwrap()
+    refs.broadcast_add(&off.broadcast_mul(&inv).unwrap())
+        .unwrap()
+        .contiguous()
+        .unwrap()
 }
 
-fn problem(shapes: &[(usize, usize)], m: usize, dh: usize, p: usize, n: usize, uniform: bool) -> Problem {
+fn problem(
+    shapes: &[(usize, usize)],
+    m: usize,
+    dh: usize,
+    p: usize,
+    n: usize,
+    uniform: bool,
+) -> Problem {
     let dev = Device::Cpu;
     let s: usize = shapes.iter().map(|(h, w)| h * w).sum();
     let l = shapes.len();
     let attn = Tensor::rand(0f32, 1.0, (n, s, m, l * p), &dev).unwrap();
-    let attn = candle_nn::ops::softmax(&attn, 3).unwrap().reshape((n, s, m, l, p)).unwrap();
+    let attn = candle_nn::ops::softmax(&attn, 3)
+        .unwrap()
+        .reshape((n, s, m, l, p))
+        .unwrap();
     Problem {
         value: Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, s, m, dh), &dev).unwrap()).unwrap(),
         loc: Var::from_tensor(&locations(shapes, n, m, p, uniform)).unwrap(),
@@ -69,8 +85,14 @@ fn problem(shapes: &[(usize, usize)], m: usize, dh: usize, p: usize, n: usize, u
 
 impl Problem {
     fn forward(&self, imp: MsdaImpl) -> Tensor {
-        ms_deform_attn(self.value.as_tensor(), &self.shapes, self.loc.as_tensor(), self.attn.as_tensor(), imp)
-            .unwrap()
+        ms_deform_attn(
+            self.value.as_tensor(),
+            &self.shapes,
+            self.loc.as_tensor(),
+            self.attn.as_tensor(),
+            imp,
+        )
+        .unwrap()
     }
 
     fn forward_backward(&self, imp: MsdaImpl) {
@@ -92,11 +114,23 @@ impl Problem {
 }
 
 fn bench(c: &mut Criterion) {
-    type Shape = (&'static str, [(usize, usize); 3], usize, bool, &'static [usize]);
+    type Shape = (
+        &'static str,
+        [(usize, usize); 3],
+        usize,
+        bool,
+        &'static [usize],
+    );
     let shapes: [Shape; 3] = [
         ("paper", [(96, 96), (48, 48), (24, 24)], 8, false, &[1, 8]),
         ("cpu", [(56, 56), (28, 28), (14, 14)], 4, false, &[1, 8]),
-        ("paper-uniform", [(96, 96), (48, 48), (24, 24)], 8, true, &[1]),
+        (
+            "paper-uniform",
+            [(96, 96), (48, 48), (24, 24)],
+            8,
+            true,
+            &[1],
+        ),
     ];
     for (name, levels, heads, uniform, batches) in shapes {
         for &batch in batches {
@@ -112,9 +146,13 @@ fn bench(c: &mut Criterion) {
             }
             for (label, imp) in imps {
                 group.throughput(Throughput::Bytes(fwd_bytes));
-                group.bench_function(BenchmarkId::new("fwd", label), |b| b.iter(|| pb.forward(imp)));
+                group.bench_function(BenchmarkId::new("fwd", label), |b| {
+                    b.iter(|| pb.forward(imp))
+                });
                 group.throughput(Throughput::Bytes(fb_bytes));
-                group.bench_function(BenchmarkId::new("fwd+bwd", label), |b| b.iter(|| pb.forward_backward(imp)));
+                group.bench_function(BenchmarkId::new("fwd+bwd", label), |b| {
+                    b.iter(|| pb.forward_backward(imp))
+                });
             }
             group.finish();
         }

@@ -7,6 +7,7 @@ Run from the repository root, on the same machine, right before/after the criter
 Uses torch.set_num_threads(2) and the grid_sample reference from
 tests/fixtures/make_fixture.py. Prints the median wall time of forward (no grad) and
 forward+backward per case, as `torch <shape> b<batch> <fwd|fwd+bwd> <ms> ms`.
+MSDA_TORCH_REPS=<k> overrides the number of timed repetitions (after one warm-up).
 """
 
 import os
@@ -69,7 +70,7 @@ def main():
         shapes, m, dh, p, uniform, batches = SHAPES[name]
         for n in batches:
             value, loc, attn = inputs(shapes, m, dh, p, n, uniform)
-            reps = 5 if n == 1 else 3
+            reps = int(os.environ.get("MSDA_TORCH_REPS", 5 if n == 1 else 3))
 
             def fwd():
                 with torch.no_grad():

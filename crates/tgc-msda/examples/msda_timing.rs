@@ -44,28 +44,47 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         let refs = Tensor::from_vec(refs, (1, s, 1, 1, 1, 2), &dev)?;
-        let inv: Vec<f32> = shapes.iter().flat_map(|&(h, w)| [1.0 / w as f32, 1.0 / h as f32]).collect();
+        let inv: Vec<f32> = shapes
+            .iter()
+            .flat_map(|&(h, w)| [1.0 / w as f32, 1.0 / h as f32])
+            .collect();
         let inv = Tensor::from_vec(inv, (1, 1, 1, l, 1, 2), &dev)?;
-        refs.broadcast_add(&Tensor::rand(-4f32, 4.0, (n, s, m, l, p, 2), &dev)?.broadcast_mul(&inv)?)?
-            .contiguous()?
+        refs.broadcast_add(
+            &Tensor::rand(-4f32, 4.0, (n, s, m, l, p, 2), &dev)?.broadcast_mul(&inv)?,
+        )?
+        .contiguous()?
     };
     let value = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, s, m, dh), &dev)?)?;
     let loc = Var::from_tensor(&loc)?;
     let attn = Var::from_tensor(&Tensor::rand(0f32, 0.1, (n, s, m, l, p), &dev)?)?;
     let go = Tensor::randn(0f32, 1.0, (n, s, m * dh), &dev)?;
-    let fwd = || ms_deform_attn(value.as_tensor(), &shapes, loc.as_tensor(), attn.as_tensor(), MsdaImpl::Fused);
+    let fwd = || {
+        ms_deform_attn(
+            value.as_tensor(),
+            &shapes,
+            loc.as_tensor(),
+            attn.as_tensor(),
+            MsdaImpl::Fused,
+        )
+    };
     fwd()?;
     let (t0, c0) = (Instant::now(), cpu_ms());
     for _ in 0..iters {
         fwd()?;
     }
-    let (wf, cf) = (t0.elapsed().as_secs_f64() * 1e3 / iters as f64, (cpu_ms() - c0) / iters as f64);
+    let (wf, cf) = (
+        t0.elapsed().as_secs_f64() * 1e3 / iters as f64,
+        (cpu_ms() - c0) / iters as f64,
+    );
     let (t0, c0) = (Instant::now(), cpu_ms());
     for _ in 0..iters {
         let loss = (fwd()? * &go)?.sum_all()?;
         loss.backward()?;
     }
-    let (wb, cb) = (t0.elapsed().as_secs_f64() * 1e3 / iters as f64, (cpu_ms() - c0) / iters as f64);
+    let (wb, cb) = (
+        t0.elapsed().as_secs_f64() * 1e3 / iters as f64,
+        (cpu_ms() - c0) / iters as f64,
+    );
     println!("fused paper b{n}{}: fwd {wf:.1} ms wall / {cf:.1} ms cpu; fwd+bwd {wb:.1} ms wall / {cb:.1} ms cpu",
         if uniform { " uniform" } else { "" });
     Ok(())

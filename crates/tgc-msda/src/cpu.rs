@@ -185,7 +185,17 @@ impl<T: Real> Corners<T> {
     /// (n, q, m) whose weights start at `base_w`, prefetching their value rows.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn gather(&mut self, g: &Geometry, value: &[T], loc: &[T], n: usize, m: usize, base_w: usize, j0: usize, j1: usize) {
+    fn gather(
+        &mut self,
+        g: &Geometry,
+        value: &[T],
+        loc: &[T],
+        n: usize,
+        m: usize,
+        base_w: usize,
+        j0: usize,
+        j1: usize,
+    ) {
         let row = g.heads * g.head_dim;
         let bytes = g.head_dim * std::mem::size_of::<T>();
         self.len = 0;
@@ -309,7 +319,10 @@ pub(crate) fn backward<T: Real>(
                 let j1 = (j0 + CHUNK).min(samples);
                 cs.gather(g, value, loc, n, m, base_w, j0, j1);
                 for &off in &cs.off[..cs.len] {
-                    prefetch(gv.0.wrapping_add(off) as *const T, dh * std::mem::size_of::<T>());
+                    prefetch(
+                        gv.0.wrapping_add(off) as *const T,
+                        dh * std::mem::size_of::<T>(),
+                    );
                 }
                 acc[..j1 - j0].fill((T::ZERO, T::ZERO, T::ZERO));
                 for c in 0..cs.len {

@@ -2,7 +2,9 @@
 //! CUDA device.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, WithDType};
 
@@ -21,7 +23,10 @@ fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, name: &str) -> Result<
 }
 
 /// `[H_0, W_0, ..., H_{L-1}, W_{L-1}, start_0, ..., start_{L-1}]` as i32 on the device.
-fn level_table(g: &Geometry, dev: &CudaDevice) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<i32>> {
+fn level_table(
+    g: &Geometry,
+    dev: &CudaDevice,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<i32>> {
     let mut t: Vec<i32> = Vec::with_capacity(3 * g.levels());
     for &(h, w) in &g.shapes {
         t.push(i32::try_from(h).map_err(|_| candle_core::Error::Msg("level too large".into()))?);
@@ -34,7 +39,11 @@ fn level_table(g: &Geometry, dev: &CudaDevice) -> Result<candle_core::cuda_backe
 }
 
 fn dims_i32(g: &Geometry) -> Result<[i32; 7]> {
-    let c = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("ms_deform_attn (cuda): size {v} exceeds i32")));
+    let c = |v: usize| {
+        i32::try_from(v).map_err(|_| {
+            candle_core::Error::Msg(format!("ms_deform_attn (cuda): size {v} exceeds i32"))
+        })
+    };
     Ok([
         c(g.batch)?,
         c(g.value_len)?,
@@ -81,9 +90,16 @@ pub(crate) fn forward(
         let total = g.batch * g.queries * g.heads * g.head_dim;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(total)? };
-        let func = dev.get_or_load_custom_func(&format!("msda_fwd_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
-        let blocks = total.div_ceil(FWD_THREADS as usize).clamp(1, i32::MAX as usize) as u32;
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (FWD_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let func =
+            dev.get_or_load_custom_func(&format!("msda_fwd_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+        let blocks = total
+            .div_ceil(FWD_THREADS as usize)
+            .clamp(1, i32::MAX as usize) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (FWD_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let d = dims_i32(g)?;
         let mut b = func.builder();
         b.arg(&value);
@@ -120,7 +136,12 @@ pub(crate) fn backward(
     lgo: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     #[allow(clippy::too_many_arguments)]
-    fn run<T: CudaDType + DeviceRepr + WithDType + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits>(
+    fn run<
+        T: CudaDType
+            + DeviceRepr
+            + WithDType
+            + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
+    >(
         g: &Geometry,
         s1: &CudaStorage,
         l1: &Layout,
@@ -150,10 +171,16 @@ pub(crate) fn backward(
             let mut all = buf.slice_mut(0..total);
             let (mut gv, mut rest) = all.split_at_mut(nv);
             let (mut gl, mut ga) = rest.split_at_mut(2 * nw);
-            let func = dev.get_or_load_custom_func(&format!("msda_bwd_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+            let func = dev.get_or_load_custom_func(
+                &format!("msda_bwd_{}", suffix(T::DTYPE)?),
+                MODULE,
+                PTX,
+            )?;
             let groups_per_block = (256 / dh).max(1);
             let groups = g.batch * g.queries * g.heads;
-            let blocks = groups.div_ceil(groups_per_block).clamp(1, i32::MAX as usize) as u32;
+            let blocks = groups
+                .div_ceil(groups_per_block)
+                .clamp(1, i32::MAX as usize) as u32;
             let cfg = LaunchConfig {
                 grid_dim: (blocks, 1, 1),
                 block_dim: (dh as u32, groups_per_block as u32, 1),

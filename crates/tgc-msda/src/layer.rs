@@ -49,14 +49,17 @@ impl MsDeformAttnConfig {
     /// Checks the values that the layers rely on.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.d_model == 0 || self.n_heads == 0 || self.d_model % self.n_heads != 0 {
+        if self.d_model == 0 || self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
             return bad(format!(
                 "d_model ({}) must be a positive multiple of n_heads ({})",
                 self.d_model, self.n_heads
             ));
         }
-        if self.d_model % 2 != 0 {
-            return bad(format!("d_model ({}) must be even (sine position embedding)", self.d_model));
+        if !self.d_model.is_multiple_of(2) {
+            return bad(format!(
+                "d_model ({}) must be even (sine position embedding)",
+                self.d_model
+            ));
         }
         if self.n_levels == 0 || self.n_points == 0 || self.ffn_dim == 0 {
             return bad("n_levels, n_points and ffn_dim must be positive".into());
@@ -72,15 +75,34 @@ impl MsDeformAttnConfig {
 /// Xavier-uniform weight, bias uniform in `+-1/sqrt(in)`.
 fn linear_ffn(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let bound = (6.0 / (in_dim + out_dim) as f64).sqrt();
-    let w = vb.get_with_hints((out_dim, in_dim), "weight", Init::Uniform { lo: -bound, up: bound })?;
+    let w = vb.get_with_hints(
+        (out_dim, in_dim),
+        "weight",
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
     let b_bound = 1.0 / (in_dim as f64).sqrt();
-    let b = vb.get_with_hints(out_dim, "bias", Init::Uniform { lo: -b_bound, up: b_bound })?;
+    let b = vb.get_with_hints(
+        out_dim,
+        "bias",
+        Init::Uniform {
+            lo: -b_bound,
+            up: b_bound,
+        },
+    )?;
     Ok(Linear::new(w, Some(b)))
 }
 
 /// Linear layer with zero weight and a bias given by `bias_init` (a fresh parameter is
 /// written in place; a loaded one is kept).
-fn linear_zero(in_dim: usize, out_dim: usize, bias_init: Option<Vec<f32>>, vb: VarBuilder) -> Result<Linear> {
+fn linear_zero(
+    in_dim: usize,
+    out_dim: usize,
+    bias_init: Option<Vec<f32>>,
+    vb: VarBuilder,
+) -> Result<Linear> {
     let w = vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.0))?;
     let fresh = !vb.contains_tensor("bias");
     let b = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
@@ -172,19 +194,29 @@ impl MsDeformAttn {
         }
         let mut value = self.value_proj.forward(input_flatten)?;
         if let Some(mask) = padding_mask {
-            let keep = mask.to_dtype(value.dtype())?.affine(-1.0, 1.0)?.unsqueeze(D::Minus1)?;
+            let keep = mask
+                .to_dtype(value.dtype())?
+                .affine(-1.0, 1.0)?
+                .unsqueeze(D::Minus1)?;
             value = value.broadcast_mul(&keep)?;
         }
         let value = value.reshape((n, s, m, self.d_model / m))?;
-        let offsets = self.sampling_offsets.forward(query)?.reshape((n, lq, m, l, p, 2))?;
-        let attn = self.attention_weights.forward(query)?.reshape((n, lq, m, l * p))?;
+        let offsets = self
+            .sampling_offsets
+            .forward(query)?
+            .reshape((n, lq, m, l, p, 2))?;
+        let attn = self
+            .attention_weights
+            .forward(query)?
+            .reshape((n, lq, m, l * p))?;
         let attn = candle_nn::ops::softmax(&attn, D::Minus1)?.reshape((n, lq, m, l, p))?;
         // Offsets are in pixels of each level: divide by (W_l, H_l).
         let norm: Vec<f32> = spatial_shapes
             .iter()
             .flat_map(|&(h, w)| [1.0 / w as f32, 1.0 / h as f32])
             .collect();
-        let norm = Tensor::from_vec(norm, (1, 1, 1, l, 1, 2), query.device())?.to_dtype(query.dtype())?;
+        let norm =
+            Tensor::from_vec(norm, (1, 1, 1, l, 1, 2), query.device())?.to_dtype(query.dtype())?;
         let loc = reference_points
             .reshape((n, lq, 1, l, 1, 2))?
             .broadcast_add(&offsets.broadcast_mul(&norm)?)?;
@@ -240,8 +272,12 @@ impl MsDeformEncoderLayer {
         train: bool,
     ) -> Result<Tensor> {
         let q = (src + pos)?;
-        let src2 = self.self_attn.forward(&q, reference_points, src, spatial_shapes, None)?;
-        let src = self.norm1.forward(&(src + dropout(&src2, self.dropout, train)?)?)?;
+        let src2 = self
+            .self_attn
+            .forward(&q, reference_points, src, spatial_shapes, None)?;
+        let src = self
+            .norm1
+            .forward(&(src + dropout(&src2, self.dropout, train)?)?)?;
         let h = dropout(&self.linear1.forward(&src)?.relu()?, self.dropout, train)?;
         let src2 = dropout(&self.linear2.forward(&h)?, self.dropout, train)?;
         Ok(self.norm2.forward(&(src + src2)?)?)
@@ -252,8 +288,10 @@ impl MsDeformEncoderLayer {
 /// normalize = True, scale = 2 pi)` for an unpadded `h x w` map: `d_model x h x w`, the
 /// first half encodes y, the second x, interleaving sin and cos.
 pub fn position_embedding_sine(h: usize, w: usize, d_model: usize, dev: &Device) -> Result<Tensor> {
-    if d_model % 2 != 0 {
-        return Err(Error::Config(format!("position embedding needs an even width, got {d_model}")));
+    if !d_model.is_multiple_of(2) {
+        return Err(Error::Config(format!(
+            "position embedding needs an even width, got {d_model}"
+        )));
     }
     let f = d_model / 2;
     let scale = 2.0 * std::f64::consts::PI;
@@ -269,7 +307,11 @@ pub fn position_embedding_sine(h: usize, w: usize, d_model: usize, dev: &Device)
             let xe = (x + 1) as f64 / (w as f64 + eps) * scale;
             for i in 0..f {
                 let (vy, vx) = (ye / dim_t[i], xe / dim_t[i]);
-                let (py, px) = if i % 2 == 0 { (vy.sin(), vx.sin()) } else { (vy.cos(), vx.cos()) };
+                let (py, px) = if i % 2 == 0 {
+                    (vy.sin(), vx.sin())
+                } else {
+                    (vy.cos(), vx.cos())
+                };
                 data[(i * h + y) * w + x] = py as f32;
                 data[((f + i) * h + y) * w + x] = px as f32;
             }
@@ -311,12 +353,19 @@ impl MsDeformEncoder {
         let level_embed = vb.get_with_hints(
             (cfg.n_levels, cfg.d_model),
             "level_embed",
-            Init::Randn { mean: 0.0, stdev: 1.0 },
+            Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
         )?;
         let layers = (0..cfg.n_layers)
             .map(|i| MsDeformEncoderLayer::new(cfg, vb.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, level_embed, cfg: cfg.clone() })
+        Ok(Self {
+            layers,
+            level_embed,
+            cfg: cfg.clone(),
+        })
     }
 
     /// The configuration the encoder was built with.
@@ -329,7 +378,10 @@ impl MsDeformEncoder {
     pub fn forward(&self, srcs: &[Tensor], train: bool) -> Result<Vec<Tensor>> {
         let (l_n, d) = (self.cfg.n_levels, self.cfg.d_model);
         if srcs.len() != l_n {
-            return Err(Error::Shape(format!("MsDeformEncoder expects {l_n} levels, got {}", srcs.len())));
+            return Err(Error::Shape(format!(
+                "MsDeformEncoder expects {l_n} levels, got {}",
+                srcs.len()
+            )));
         }
         let b = srcs[0].dim(0)?;
         let dtype = srcs[0].dtype();
@@ -356,7 +408,10 @@ impl MsDeformEncoder {
         }
         let mut x = Tensor::cat(&flat, 1)?.contiguous()?;
         let s = x.dim(1)?;
-        let pos = Tensor::cat(&pos, 0)?.unsqueeze(0)?.broadcast_as((b, s, d))?.contiguous()?;
+        let pos = Tensor::cat(&pos, 0)?
+            .unsqueeze(0)?
+            .broadcast_as((b, s, d))?
+            .contiguous()?;
         let refs = reference_points(&shapes, &dev)?
             .to_dtype(dtype)?
             .reshape((1, s, 1, 2))?
@@ -368,7 +423,11 @@ impl MsDeformEncoder {
         let mut out = Vec::with_capacity(l_n);
         let mut start = 0;
         for &(h, w) in &shapes {
-            out.push(x.narrow(1, start, h * w)?.transpose(1, 2)?.reshape((b, d, h, w))?);
+            out.push(
+                x.narrow(1, start, h * w)?
+                    .transpose(1, 2)?
+                    .reshape((b, d, h, w))?,
+            );
             start += h * w;
         }
         Ok(out)

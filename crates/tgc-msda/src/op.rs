@@ -54,9 +54,12 @@ impl Geometry {
         sampling_locations: &Tensor,
         attention_weights: &Tensor,
     ) -> Result<Self> {
-        let (n, s, m, dh) = value
-            .dims4()
-            .map_err(|_| Error::Shape(format!("value must be N x S x M x Dh, got {:?}", value.dims())))?;
+        let (n, s, m, dh) = value.dims4().map_err(|_| {
+            Error::Shape(format!(
+                "value must be N x S x M x Dh, got {:?}",
+                value.dims()
+            ))
+        })?;
         if spatial_shapes.is_empty() {
             return Err(Error::Shape("spatial_shapes is empty".into()));
         }
@@ -64,7 +67,9 @@ impl Geometry {
         let mut total = 0usize;
         for &(h, w) in spatial_shapes {
             if h == 0 || w == 0 {
-                return Err(Error::Shape(format!("empty level in spatial_shapes {spatial_shapes:?}")));
+                return Err(Error::Shape(format!(
+                    "empty level in spatial_shapes {spatial_shapes:?}"
+                )));
             }
             starts.push(total);
             total += h * w;
@@ -145,7 +150,8 @@ pub fn ms_deform_attn(
     attention_weights: &Tensor,
     imp: MsdaImpl,
 ) -> Result<Tensor> {
-    let geom = Geometry::from_tensors(value, spatial_shapes, sampling_locations, attention_weights)?;
+    let geom =
+        Geometry::from_tensors(value, spatial_shapes, sampling_locations, attention_weights)?;
     let fused = match imp {
         MsdaImpl::Composite => false,
         MsdaImpl::Fused => true,
@@ -186,8 +192,12 @@ fn composite(value: &Tensor, g: &Geometry, loc: &Tensor, attn: &Tensor) -> Resul
     let dt = value.dtype();
     let dev = value.device();
     // (N M) x Lq x L x P x 2 and (N M) x Lq x L x P.
-    let loc = loc.permute((0, 2, 1, 3, 4, 5))?.reshape((n * m, lq, g.levels(), p, 2))?;
-    let attn = attn.permute((0, 2, 1, 3, 4))?.reshape((n * m, lq, g.levels(), p))?;
+    let loc = loc
+        .permute((0, 2, 1, 3, 4, 5))?
+        .reshape((n * m, lq, g.levels(), p, 2))?;
+    let attn = attn
+        .permute((0, 2, 1, 3, 4))?
+        .reshape((n * m, lq, g.levels(), p))?;
     // Offset of each (n, m) image-head block in the flattened per-level value.
     let mut acc: Option<Tensor> = None;
     for (l, &(h, w)) in g.shapes.iter().enumerate() {
@@ -202,8 +212,14 @@ fn composite(value: &Tensor, g: &Geometry, loc: &Tensor, attn: &Tensor) -> Resul
             .affine(hw as f64, 0.0)?
             .reshape((n * m, 1, 1))?;
         let loc_l = loc.narrow(2, l, 1)?.squeeze(2)?; // (N M) x Lq x P x 2
-        let x = loc_l.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?.affine(w as f64, -0.5)?;
-        let y = loc_l.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?.affine(h as f64, -0.5)?;
+        let x = loc_l
+            .narrow(D::Minus1, 0, 1)?
+            .squeeze(D::Minus1)?
+            .affine(w as f64, -0.5)?;
+        let y = loc_l
+            .narrow(D::Minus1, 1, 1)?
+            .squeeze(D::Minus1)?
+            .affine(h as f64, -0.5)?;
         let x0 = x.detach().floor()?;
         let y0 = y.detach().floor()?;
         let fx = (&x - &x0)?;
@@ -225,8 +241,16 @@ fn composite(value: &Tensor, g: &Geometry, loc: &Tensor, attn: &Tensor) -> Resul
             .broadcast_add(&block)?
             .flatten_all()?
             .to_dtype(DType::U32)?;
-            let wx = if dx == 1 { fx.clone() } else { fx.affine(-1.0, 1.0)? };
-            let wy = if dy == 1 { fy.clone() } else { fy.affine(-1.0, 1.0)? };
+            let wx = if dx == 1 {
+                fx.clone()
+            } else {
+                fx.affine(-1.0, 1.0)?
+            };
+            let wy = if dy == 1 {
+                fy.clone()
+            } else {
+                fy.affine(-1.0, 1.0)?
+            };
             let wt = (wx * wy)?.mul(&valid.to_dtype(dt)?)?.mul(&a_l)?; // (N M) x Lq x P
             let sampled = v_l.index_select(&idx, 0)?.reshape((n * m, lq, p, dh))?;
             let contrib = sampled.broadcast_mul(&wt.unsqueeze(D::Minus1)?)?.sum(2)?; // (N M) x Lq x Dh
@@ -237,11 +261,18 @@ fn composite(value: &Tensor, g: &Geometry, loc: &Tensor, attn: &Tensor) -> Resul
         }
     }
     let acc = acc.ok_or_else(|| Error::Shape("no levels".into()))?;
-    Ok(acc.reshape((n, m, lq, dh))?.permute((0, 2, 1, 3))?.contiguous()?)
+    Ok(acc
+        .reshape((n, m, lq, dh))?
+        .permute((0, 2, 1, 3))?
+        .contiguous()?)
 }
 
 /// Slice of a contiguous CPU tensor's storage.
-fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout, name: &str) -> candle_core::Result<&'a [T]> {
+fn cpu_slice<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    name: &str,
+) -> candle_core::Result<&'a [T]> {
     let data = s.as_slice::<T>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),

@@ -14,12 +14,31 @@ fn gpu() -> Device {
 }
 
 /// Output and the three gradients of sum(out * g) on `dev`, returned on the CPU.
-fn run(value: &Tensor, shapes: &[(usize, usize)], loc: &Tensor, attn: &Tensor, g: &Tensor, dev: &Device) -> [Tensor; 4] {
+fn run(
+    value: &Tensor,
+    shapes: &[(usize, usize)],
+    loc: &Tensor,
+    attn: &Tensor,
+    g: &Tensor,
+    dev: &Device,
+) -> [Tensor; 4] {
     let v = Var::from_tensor(&value.to_device(dev).unwrap()).unwrap();
     let l = Var::from_tensor(&loc.to_device(dev).unwrap()).unwrap();
     let a = Var::from_tensor(&attn.to_device(dev).unwrap()).unwrap();
-    let out = ms_deform_attn(v.as_tensor(), shapes, l.as_tensor(), a.as_tensor(), MsdaImpl::Fused).unwrap();
-    let gs = (&out * g.to_device(dev).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    let out = ms_deform_attn(
+        v.as_tensor(),
+        shapes,
+        l.as_tensor(),
+        a.as_tensor(),
+        MsdaImpl::Fused,
+    )
+    .unwrap();
+    let gs = (&out * g.to_device(dev).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
     [
         cpu(&out),
@@ -32,10 +51,26 @@ fn run(value: &Tensor, shapes: &[(usize, usize)], loc: &Tensor, attn: &Tensor, g
 #[test]
 fn cuda_matches_cpu() {
     let mut rng = Rng::new(7);
-    let specs: Vec<(usize, Vec<(usize, usize)>, usize, usize, usize, usize, (f64, f64))> = vec![
+    let specs: Vec<(
+        usize,
+        Vec<(usize, usize)>,
+        usize,
+        usize,
+        usize,
+        usize,
+        (f64, f64),
+    )> = vec![
         (2, vec![(6, 9), (3, 5), (2, 1)], 2, 4, 7, 3, (-0.2, 1.2)),
         (1, vec![(4, 4)], 3, 5, 9, 1, (-0.5, 1.5)),
-        (2, vec![(24, 24), (12, 12), (6, 6)], 8, 32, 300, 4, (-0.05, 1.05)),
+        (
+            2,
+            vec![(24, 24), (12, 12), (6, 6)],
+            8,
+            32,
+            300,
+            4,
+            (-0.05, 1.05),
+        ),
         (1, vec![(7, 5), (3, 2)], 4, 48, 40, 2, (0.0, 1.0)),
     ];
     for (n, shapes, m, dh, lq, p, (lo, hi)) in specs {
@@ -44,11 +79,21 @@ fn cuda_matches_cpu() {
             let g = rng.uniform(&[n, lq, m * dh], -1.0, 1.0, dtype);
             let cpu = run(&c.value, &c.shapes, &c.loc, &c.attn, &g, &Device::Cpu);
             let cuda = run(&c.value, &c.shapes, &c.loc, &c.attn, &g, &gpu());
-            for (i, name) in ["output", "grad value", "grad locations", "grad weights"].iter().enumerate() {
+            for (i, name) in ["output", "grad value", "grad locations", "grad weights"]
+                .iter()
+                .enumerate()
+            {
                 // Location gradients scale with the level size: compare relative to it.
-                let scale = if i == 2 { shapes.iter().map(|&(h, w)| h.max(w)).max().unwrap() as f64 } else { 1.0 };
+                let scale = if i == 2 {
+                    shapes.iter().map(|&(h, w)| h.max(w)).max().unwrap() as f64
+                } else {
+                    1.0
+                };
                 let d = max_abs_diff(&cpu[i], &cuda[i]) / scale;
-                assert!(d < 1e-4, "{name} differs by {d} ({dtype:?}, {shapes:?}, heads {m}, dh {dh})");
+                assert!(
+                    d < 1e-4,
+                    "{name} differs by {d} ({dtype:?}, {shapes:?}, heads {m}, dh {dh})"
+                );
             }
         }
     }
@@ -61,10 +106,20 @@ fn cuda_paper_shape_batch8_timing() {
     let shapes = [(96usize, 96usize), (48, 48), (24, 24)];
     let s: usize = shapes.iter().map(|(h, w)| h * w).sum();
     let value = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, s, m, dh), &dev).unwrap()).unwrap();
-    let loc = Var::from_tensor(&Tensor::rand(0f32, 1.0, (n, s, m, 3, p, 2), &dev).unwrap()).unwrap();
+    let loc =
+        Var::from_tensor(&Tensor::rand(0f32, 1.0, (n, s, m, 3, p, 2), &dev).unwrap()).unwrap();
     let attn = Var::from_tensor(&Tensor::rand(0f32, 0.1, (n, s, m, 3, p), &dev).unwrap()).unwrap();
     let g = Tensor::randn(0f32, 1.0, (n, s, m * dh), &dev).unwrap();
-    let fwd = || ms_deform_attn(value.as_tensor(), &shapes, loc.as_tensor(), attn.as_tensor(), MsdaImpl::Fused).unwrap();
+    let fwd = || {
+        ms_deform_attn(
+            value.as_tensor(),
+            &shapes,
+            loc.as_tensor(),
+            attn.as_tensor(),
+            MsdaImpl::Fused,
+        )
+        .unwrap()
+    };
     let step = || {
         let gs = (fwd() * &g).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(gs.get(value.as_tensor()).is_some());

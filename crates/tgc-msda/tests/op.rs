@@ -8,7 +8,15 @@ use common::{case, max_abs_diff, Case, Rng};
 use tgc_msda::{ms_deform_attn, MsdaImpl};
 
 /// (batch, levels, heads, head dim, queries, points, location range)
-type Spec = (usize, Vec<(usize, usize)>, usize, usize, usize, usize, (f64, f64));
+type Spec = (
+    usize,
+    Vec<(usize, usize)>,
+    usize,
+    usize,
+    usize,
+    usize,
+    (f64, f64),
+);
 
 fn specs() -> Vec<Spec> {
     vec![
@@ -17,6 +25,8 @@ fn specs() -> Vec<Spec> {
         (3, vec![(1, 7), (5, 2)], 1, 3, 4, 2, (0.0, 1.0)),
         (1, vec![(11, 13), (6, 7), (3, 4)], 8, 8, 33, 4, (-0.1, 1.1)),
         (2, vec![(3, 3)], 2, 2, 5, 1, (-2.0, 3.0)),
+        // L x P = 33 samples: more than the kernel's 32-sample gather chunk.
+        (1, vec![(5, 6), (3, 3), (2, 2)], 2, 4, 6, 11, (-0.1, 1.1)),
     ]
 }
 
@@ -33,7 +43,10 @@ fn fused_forward_matches_composite() {
         let comp = run(&c, MsdaImpl::Composite);
         assert_eq!(fused.dims(), &[n, lq, m * dh]);
         let d = max_abs_diff(&fused, &comp);
-        assert!(d < 1e-5, "fused vs composite differ by {d} for levels {shapes:?}");
+        assert!(
+            d < 1e-5,
+            "fused vs composite differ by {d} for levels {shapes:?}"
+        );
         // Auto picks the fused kernel on the CPU.
         assert_eq!(max_abs_diff(&run(&c, MsdaImpl::Auto), &fused), 0.0);
     }
@@ -56,13 +69,22 @@ fn grads(c: &Case, g: &Tensor, imp: MsdaImpl) -> [Tensor; 3] {
 
 fn loss_of(c: &Case, value: &Tensor, loc: &Tensor, attn: &Tensor, g: &Tensor) -> f64 {
     let out = ms_deform_attn(value, &c.shapes, loc, attn, MsdaImpl::Fused).unwrap();
-    (out * g).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+    (out * g)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 /// Central finite differences of the loss w.r.t. every element of input `which`.
 fn finite_diff(c: &Case, g: &Tensor, which: usize) -> Tensor {
     let inputs = [&c.value, &c.loc, &c.attn];
-    let base = inputs[which].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let base = inputs[which]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     let shape = inputs[which].shape().clone();
     let eps = 1e-6;
     let mut out = Vec::with_capacity(base.len());
@@ -95,8 +117,17 @@ fn fused_gradients_match_finite_differences_f64() {
         for (which, name) in ["value", "locations", "weights"].iter().enumerate() {
             let fd = finite_diff(&c, &g, which);
             let d = max_abs_diff(&analytic[which], &fd);
-            assert!(d < 1e-6, "{name} gradient differs from finite differences by {d} ({shapes:?})");
-            let norm = fd.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(
+                d < 1e-6,
+                "{name} gradient differs from finite differences by {d} ({shapes:?})"
+            );
+            let norm = fd
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
             assert!(norm > 1e-3, "degenerate {name} gradient for {shapes:?}");
         }
     }
@@ -114,7 +145,10 @@ fn composite_gradients_match_fused() {
             let tol = if dtype == DType::F64 { 1e-10 } else { 1e-4 };
             for (i, name) in ["value", "locations", "weights"].iter().enumerate() {
                 let d = max_abs_diff(&fused[i], &comp[i]);
-                assert!(d < tol, "{name} grads differ by {d} ({dtype:?}, {shapes:?})");
+                assert!(
+                    d < tol,
+                    "{name} grads differ by {d} ({dtype:?}, {shapes:?})"
+                );
             }
         }
     }
@@ -124,19 +158,28 @@ fn composite_gradients_match_fused() {
 fn hand_computed_case() {
     // One 2 x 2 level, one head of width 1, value = [[1, 2], [3, 4]].
     let dev = Device::Cpu;
-    let value = Tensor::new(&[1f64, 2., 3., 4.], &dev).unwrap().reshape((1, 4, 1, 1)).unwrap();
+    let value = Tensor::new(&[1f64, 2., 3., 4.], &dev)
+        .unwrap()
+        .reshape((1, 4, 1, 1))
+        .unwrap();
     // Points: centre of pixel (0, 1) -> 2; the map centre -> 2.5; (x, y) = (0.25, 1.0),
     // pixel coords (0, 1.5): half of row 1 col 0 (3) and half outside -> 1.5.
     let loc = Tensor::new(&[0.75f64, 0.25, 0.5, 0.5, 0.25, 1.0], &dev)
         .unwrap()
         .reshape((1, 1, 1, 1, 3, 2))
         .unwrap();
-    let attn = Tensor::new(&[1f64, 10., 100.], &dev).unwrap().reshape((1, 1, 1, 1, 3)).unwrap();
+    let attn = Tensor::new(&[1f64, 10., 100.], &dev)
+        .unwrap()
+        .reshape((1, 1, 1, 1, 3))
+        .unwrap();
     for imp in [MsdaImpl::Fused, MsdaImpl::Composite] {
         let out = ms_deform_attn(&value, &[(2, 2)], &loc, &attn, imp).unwrap();
         let got = out.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let want = 2.0 + 10.0 * 2.5 + 100.0 * 1.5;
-        assert!((got[0] - want).abs() < 1e-12, "{imp:?}: got {got:?}, want {want}");
+        assert!(
+            (got[0] - want).abs() < 1e-12,
+            "{imp:?}: got {got:?}, want {want}"
+        );
     }
 }
 

@@ -7,20 +7,34 @@ use candle_core::{Device, Tensor, Var};
 use tgc_msda::{ms_deform_attn, position_embedding_sine, MsdaImpl};
 
 fn fixture() -> HashMap<String, Tensor> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/msda_reference.safetensors");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/msda_reference.safetensors"
+    );
     candle_core::safetensors::load(path, &Device::Cpu).expect("load fixture")
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 #[test]
 fn matches_pytorch_grid_sample_reference() {
     let fx = fixture();
     for name in ["pyramid", "single", "heads"] {
-        let t = |k: &str| fx.get(&format!("{name}.{k}")).unwrap_or_else(|| panic!("missing {name}.{k}")).clone();
+        let t = |k: &str| {
+            fx.get(&format!("{name}.{k}"))
+                .unwrap_or_else(|| panic!("missing {name}.{k}"))
+                .clone()
+        };
         let shapes: Vec<(usize, usize)> = t("shapes")
             .to_vec2::<i64>()
             .unwrap()
@@ -31,10 +45,16 @@ fn matches_pytorch_grid_sample_reference() {
             let v = Var::from_tensor(&t("value")).unwrap();
             let l = Var::from_tensor(&t("loc")).unwrap();
             let a = Var::from_tensor(&t("attn")).unwrap();
-            let out = ms_deform_attn(v.as_tensor(), &shapes, l.as_tensor(), a.as_tensor(), imp).unwrap();
+            let out =
+                ms_deform_attn(v.as_tensor(), &shapes, l.as_tensor(), a.as_tensor(), imp).unwrap();
             let d = max_abs_diff(&out, &t("out"));
             assert!(d < 1e-10, "{name} {imp:?}: output differs by {d}");
-            let gs = (out * t("grad_out")).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = (out * t("grad_out"))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             for (var, key) in [(&v, "grad_value"), (&l, "grad_loc"), (&a, "grad_attn")] {
                 let d = max_abs_diff(gs.get(var.as_tensor()).unwrap(), &t(key));
                 assert!(d < 1e-10, "{name} {imp:?}: {key} differs by {d}");

@@ -22,7 +22,10 @@ impl Rng {
     pub fn uniform(&mut self, shape: &[usize], lo: f64, hi: f64, dtype: DType) -> Tensor {
         let n: usize = shape.iter().product();
         let v: Vec<f64> = (0..n).map(|_| lo + (hi - lo) * self.next_f64()).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
     }
 }
 
