@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use tgc_clip::{ClipConfig, ClipModel, WeightSource};
 
-fn main() -> tgc_clip::Result<()> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let iters: usize = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())
