@@ -201,3 +201,33 @@ fn bad_inputs_give_clear_errors() {
         }
     }
 }
+
+#[test]
+fn loader_reports_a_bad_sample_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = lvit(dir.path(), GOOD);
+    let p = r.join("Train_Folder/labelcol/mask_a.png");
+    let b = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &b[..b.len() / 2]).unwrap();
+    let ds = LvitDataset::open(r, Split::Train).unwrap();
+    let pre = Preprocess {
+        clip_size: 8,
+        cnn_size: 8,
+        label_size: 8,
+    };
+    let loader = DataLoader::new(
+        std::sync::Arc::new(ds),
+        pre,
+        2,
+        None,
+        Augment::off(),
+        candle_core::Device::Cpu,
+    );
+    let mut it = loader.iter();
+    let err = it.next().unwrap().unwrap_err().to_string();
+    assert!(
+        err.contains("mask_a.png") && err.contains("unreadable image"),
+        "{err}"
+    );
+    assert!(it.next().is_none());
+}
