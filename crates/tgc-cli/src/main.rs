@@ -1,2 +1,681 @@
-//! The tgc command-line tool: train, eval, predict, cache, info, similarity
-fn main() {}
+//! The `tgc` command-line tool: train, eval, predict, cache, info and similarity for
+//! TGC-Net (text-guided medical image segmentation).
+//!
+//! ```sh
+//! tgc train --preset tiny --phantoms ct --out runs/demo
+//! tgc eval --checkpoint runs/demo/best.safetensors --phantoms ct --csv scores.csv
+//! tgc predict --checkpoint runs/demo/best.safetensors --image x.png \
+//!     --text "left lung opacity" --out mask.png --overlay overlay.png
+//! tgc info --preset paper
+//! ```
+//!
+//! Every error is printed as one line `error: ...` and the exit status is 1.
+
+mod run;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::{Parser, Subcommand};
+use tgc_data::{
+    radiology_rewrite, read_image, Augment, AugmentParams, DataLoader, FeatureCache, Mask,
+    Preprocess, Sample, SegDataset,
+};
+use tgc_model::{TgcConfig, TgcNet, WeightSource, CONFIG_METADATA_KEY};
+use tgc_train::{evaluate, FeatureStore, Trainer};
+
+use run::RunFile;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tgc",
+    version,
+    about = "TGC-Net: text-guided medical image segmentation (train, eval, predict, ...)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Train TGC-Net on an LViT dataset folder or on synthetic phantoms.
+    Train(TrainArgs),
+    /// Evaluate a checkpoint: Dice, mIoU, micro Dice and per-image scores.
+    Eval(EvalArgs),
+    /// Segment one image with a text prompt and write the binary mask PNG.
+    Predict(PredictArgs),
+    /// Print the trainable parameters per module, the frozen towers and the input sizes.
+    Info(InfoArgs),
+    /// Write CLIP's zero-shot image-text similarity map (the paper's Fig. 1a).
+    Similarity(SimilarityArgs),
+    /// Precompute the frozen image features of a dataset into an on-disk cache.
+    Cache(CacheArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
+    /// Run file (TOML). Every field is optional: preset, data, phantoms, out,
+    /// clip_weights, train_count, val_count, [model] (TgcConfig overrides merged into
+    /// the preset) and [train] (TrainConfig overrides). Flags below win over the file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Model preset: paper, cpu or tiny (default: the file's, else cpu).
+    #[arg(long)]
+    preset: Option<String>,
+    /// LViT dataset folder (Train_Folder, Val_Folder with img/, labelcol/ and a text table).
+    #[arg(long, conflicts_with = "phantoms")]
+    data: Option<PathBuf>,
+    /// Train on synthetic phantoms instead: ct or cxr (640 train seed 1, 128 val seed 2).
+    #[arg(long)]
+    phantoms: Option<String>,
+    /// Output folder: best.safetensors, last.safetensors, metrics.jsonl, curves.png,
+    /// overlays/ and run.json (default: the file's, else runs/tgc).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Frozen CLIP weights: random, a safetensors file, a folder or hub:<repo>
+    /// (default: the file's, else random).
+    #[arg(long)]
+    clip_weights: Option<String>,
+    /// Resume from <out>/last.safetensors when it exists.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct EvalArgs {
+    /// Checkpoint (best.safetensors / last.safetensors); the model config is read from
+    /// its metadata.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// LViT dataset folder to evaluate on.
+    #[arg(long, conflicts_with = "phantoms", required_unless_present = "phantoms")]
+    data: Option<PathBuf>,
+    /// Evaluate on synthetic validation phantoms (seed 2) instead: ct or cxr.
+    #[arg(long)]
+    phantoms: Option<String>,
+    /// Split of the LViT folder: train, val or test.
+    #[arg(long, default_value = "val")]
+    split: String,
+    /// Evaluate only the first N images (phantoms: the number generated, default 128).
+    #[arg(long)]
+    count: Option<usize>,
+    /// Write per-image scores (id, dice, iou) to this CSV file.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Frozen CLIP weights (default: clip_weights of run.json next to the checkpoint,
+    /// else random).
+    #[arg(long)]
+    clip_weights: Option<String>,
+    /// Images per batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Show a progress bar.
+    #[arg(long)]
+    progress: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct PredictArgs {
+    /// Checkpoint; the model config is read from its metadata.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Input image (PNG; grey or RGB).
+    #[arg(long)]
+    image: PathBuf,
+    /// The primary text prompt (a report sentence).
+    #[arg(long)]
+    text: String,
+    /// Auxiliary prompt for DATE (default: the built-in rewriter applied to --text
+    /// with --modality, as in training).
+    #[arg(long)]
+    aux_text: Option<String>,
+    /// Modality for the default auxiliary prompt ("Chest X-ray", "Chest CT").
+    #[arg(long, default_value = "Chest X-ray")]
+    modality: String,
+    /// Output mask PNG (0 / 255). Written at the input image's size (the label-size
+    /// prediction resized with nearest neighbour), or at the label size with
+    /// --label-size-output.
+    #[arg(long)]
+    out: PathBuf,
+    /// Keep the mask at the model's label size instead of the input image size.
+    #[arg(long)]
+    label_size_output: bool,
+    /// Also write an overlay PNG (prediction contour and the prompt as caption).
+    #[arg(long)]
+    overlay: Option<PathBuf>,
+    /// Probability threshold of the mask.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f32,
+    /// Frozen CLIP weights (default: run.json next to the checkpoint, else random).
+    #[arg(long)]
+    clip_weights: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct InfoArgs {
+    /// Model preset: paper, cpu or tiny (default: the file's, else cpu).
+    #[arg(long)]
+    preset: Option<String>,
+    /// Run file whose preset and [model] overrides are applied.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct SimilarityArgs {
+    /// Input image (PNG).
+    #[arg(long)]
+    image: PathBuf,
+    /// Text prompt.
+    #[arg(long)]
+    text: String,
+    /// Output heat-map PNG.
+    #[arg(long)]
+    out: PathBuf,
+    /// Frozen CLIP weights: random, a safetensors file, a folder or hub:<repo>.
+    #[arg(long, default_value = "random")]
+    clip_weights: String,
+    /// Preset whose CLIP architecture and input size are used.
+    #[arg(long, default_value = "cpu")]
+    preset: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct CacheArgs {
+    /// LViT dataset folder.
+    #[arg(long, conflicts_with = "phantoms", required_unless_present = "phantoms")]
+    data: Option<PathBuf>,
+    /// Synthetic phantoms instead: ct or cxr (the 640 training images, seed 1).
+    #[arg(long)]
+    phantoms: Option<String>,
+    /// Split of the LViT folder: train, val or test.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Cache folder (pass the same folder as train.cache_dir when training).
+    #[arg(long)]
+    out: PathBuf,
+    /// Model preset: paper, cpu or tiny.
+    #[arg(long, default_value = "cpu")]
+    preset: String,
+    /// Frozen CLIP weights: random, a safetensors file, a folder or hub:<repo>.
+    #[arg(long, default_value = "random")]
+    clip_weights: String,
+    /// Also cache the horizontally flipped variant (training uses flips by default).
+    #[arg(long)]
+    flip: bool,
+    /// Images per batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Train(a) => train(a),
+        Cmd::Eval(a) => eval(a),
+        Cmd::Predict(a) => predict(a),
+        Cmd::Info(a) => info(a),
+        Cmd::Similarity(a) => similarity(a),
+        Cmd::Cache(a) => cache(a),
+    };
+    if let Err(e) = res {
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!("error: {msg}");
+        std::process::exit(1);
+    }
+}
+
+fn preprocess_of(cfg: &TgcConfig) -> Preprocess {
+    Preprocess {
+        clip_size: cfg.clip_size,
+        cnn_size: cfg.cnn_size,
+        label_size: cfg.label_size,
+    }
+}
+
+fn build_model(cfg: TgcConfig, weights: &WeightSource) -> Result<TgcNet> {
+    TgcNet::load(cfg, weights, &Device::Cpu).context("building the model")
+}
+
+/// What `tgc train` writes next to its checkpoints so later commands can find the
+/// frozen weights.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RunRecord {
+    clip_weights: String,
+    data: Option<PathBuf>,
+    phantoms: Option<String>,
+    model: TgcConfig,
+    train: tgc_train::TrainConfig,
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let file = match &a.config {
+        Some(p) => RunFile::read(p)?,
+        None => RunFile::default(),
+    };
+    let preset = a
+        .preset
+        .clone()
+        .or(file.preset.clone())
+        .unwrap_or_else(|| "cpu".into());
+    let cfg = run::model_config(&preset, file.model.as_ref())?;
+    // Flags win over the file; --data and --phantoms each replace both file fields.
+    let (data, phantoms) = if a.data.is_some() || a.phantoms.is_some() {
+        (a.data.clone(), a.phantoms.clone())
+    } else {
+        (file.data.clone(), file.phantoms.clone())
+    };
+    let out = a
+        .out
+        .clone()
+        .or(file.out.clone())
+        .unwrap_or_else(|| "runs/tgc".into());
+    let clip_spec = a
+        .clip_weights
+        .clone()
+        .or(file.clip_weights.clone())
+        .unwrap_or_else(|| "random".into());
+    let base = run::default_train(data.as_deref());
+    let tc: tgc_train::TrainConfig = run::apply_overrides(&base, file.train.as_ref(), "train")?;
+    let (train_ds, val_ds) = match (&data, &phantoms) {
+        (Some(root), None) => (
+            run::lvit(root, tgc_data::Split::Train)?,
+            run::head(run::lvit(root, tgc_data::Split::Val)?, file.val_count),
+        ),
+        (None, Some(kind)) => {
+            let kind = run::phantom_kind(kind)?;
+            (
+                run::phantoms(
+                    kind,
+                    true,
+                    file.train_count.unwrap_or(run::PHANTOM_TRAIN),
+                    cfg.label_size,
+                ),
+                run::phantoms(
+                    kind,
+                    false,
+                    file.val_count.unwrap_or(run::PHANTOM_VAL),
+                    cfg.label_size,
+                ),
+            )
+        }
+        (Some(_), Some(_)) => bail!("both data and phantoms are set; choose one"),
+        (None, None) => {
+            bail!("no data: pass --data DIR or --phantoms ct|cxr (or set data / phantoms in run.toml)")
+        }
+    };
+    if train_ds.is_empty() || val_ds.is_empty() {
+        bail!(
+            "empty dataset: {} training and {} validation images",
+            train_ds.len(),
+            val_ds.len()
+        );
+    }
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create output folder {}", out.display()))?;
+    let record = RunRecord {
+        clip_weights: clip_spec.clone(),
+        data: data.clone(),
+        phantoms: phantoms.clone(),
+        model: cfg.clone(),
+        train: tc.clone(),
+    };
+    let rec_path = out.join("run.json");
+    std::fs::write(&rec_path, serde_json::to_string_pretty(&record)?)
+        .with_context(|| format!("cannot write {}", rec_path.display()))?;
+
+    let pre = preprocess_of(&cfg);
+    println!(
+        "preset {preset}: {} train / {} val images ({}), out {}",
+        train_ds.len(),
+        val_ds.len(),
+        train_ds.name(),
+        out.display()
+    );
+    let model = build_model(cfg, &run::weight_source(&clip_spec))?;
+    let counts = model.param_counts();
+    println!(
+        "trainable parameters: {} ({:?}); frozen towers: {}",
+        counts.trainable, counts.per_module, counts.frozen
+    );
+    let mut trainer = Trainer::new(&model, tc, train_ds, val_ds, pre, &out)?;
+    if a.resume {
+        let last = trainer.last_checkpoint();
+        if last.exists() {
+            trainer
+                .resume(&last)
+                .with_context(|| format!("resuming from {}", last.display()))?;
+            println!("resumed from {} (step {})", last.display(), trainer.steps());
+        } else {
+            println!("no {} yet; starting fresh", last.display());
+        }
+    }
+    let summary = trainer.fit()?;
+    println!(
+        "steps {}; best checkpoint {}",
+        summary.steps,
+        summary.best_checkpoint.display()
+    );
+    println!("best val Dice: {:.4}", summary.best_val_dice);
+    Ok(())
+}
+
+/// The model config stored in a checkpoint's metadata.
+fn checkpoint_config(path: &Path) -> Result<TgcConfig> {
+    if !path.is_file() {
+        bail!("checkpoint {} not found", path.display());
+    }
+    let ck = tgc_train::load_checkpoint(path, &Device::Cpu)
+        .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    let json = ck.meta(CONFIG_METADATA_KEY)?;
+    let cfg: TgcConfig = serde_json::from_str(json).with_context(|| {
+        format!(
+            "checkpoint {}: invalid model config in metadata `{CONFIG_METADATA_KEY}`",
+            path.display()
+        )
+    })?;
+    cfg.validate()
+        .with_context(|| format!("checkpoint {}", path.display()))?;
+    Ok(cfg)
+}
+
+/// `--clip-weights`, else the `run.json` next to the checkpoint, else random.
+fn clip_for_checkpoint(flag: Option<&str>, checkpoint: &Path) -> String {
+    if let Some(s) = flag {
+        return s.to_string();
+    }
+    let rec = checkpoint
+        .parent()
+        .map(|d| d.join("run.json"))
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| v.get("clip_weights")?.as_str().map(String::from));
+    rec.unwrap_or_else(|| "random".into())
+}
+
+fn load_trained(checkpoint: &Path, clip_flag: Option<&str>) -> Result<TgcNet> {
+    let cfg = checkpoint_config(checkpoint)?;
+    let clip = clip_for_checkpoint(clip_flag, checkpoint);
+    let model = build_model(cfg, &run::weight_source(&clip))?;
+    model
+        .load_weights(checkpoint)
+        .with_context(|| format!("loading weights from {}", checkpoint.display()))?;
+    Ok(model)
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let model = load_trained(&a.checkpoint, a.clip_weights.as_deref())?;
+    let cfg = model.config().clone();
+    let ds: Arc<dyn SegDataset> = match (&a.data, &a.phantoms) {
+        (Some(root), _) => run::head(run::lvit(root, run::split(&a.split)?)?, a.count),
+        (None, Some(kind)) => run::phantoms(
+            run::phantom_kind(kind)?,
+            false,
+            a.count.unwrap_or(run::PHANTOM_VAL),
+            cfg.label_size,
+        ),
+        (None, None) => bail!("pass --data DIR or --phantoms ct|cxr"),
+    };
+    if ds.is_empty() {
+        bail!("the dataset {} has no images", ds.name());
+    }
+    if a.batch_size == 0 {
+        bail!("--batch-size must be positive");
+    }
+    let pre = preprocess_of(&cfg);
+    let mut store = FeatureStore::new(None, &pre, false);
+    let (m, scores) = evaluate(
+        &model,
+        ds.clone(),
+        pre,
+        a.batch_size,
+        &mut store,
+        a.progress,
+        |_, _| Ok(()),
+    )?;
+    println!("dataset   {} ({} images)", ds.name(), ds.len());
+    println!("metric    value");
+    println!("Dice      {:.4}", m.dice);
+    println!("mIoU      {:.4}", m.iou);
+    println!("microDice {:.4}", m.micro_dice);
+    println!("n         {}", m.n_images);
+    if let Some(path) = &a.csv {
+        let mut w = csv::Writer::from_path(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        w.write_record(["id", "dice", "iou"])?;
+        for s in &scores {
+            w.write_record([s.id.clone(), format!("{:.6}", s.dice), format!("{:.6}", s.iou)])?;
+        }
+        w.flush()
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("per-image scores: {}", path.display());
+    }
+    Ok(())
+}
+
+/// Nearest-neighbour resize of a row-major `h x w` plane (pixel centres).
+fn resize_nearest(v: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(oh * ow);
+    for y in 0..oh {
+        let sy = (((y as f64 + 0.5) * h as f64 / oh as f64) as usize).min(h - 1);
+        for x in 0..ow {
+            let sx = (((x as f64 + 0.5) * w as f64 / ow as f64) as usize).min(w - 1);
+            out.push(v[sy * w + sx]);
+        }
+    }
+    out
+}
+
+fn predict(a: PredictArgs) -> Result<()> {
+    if !a.image.is_file() {
+        bail!("image {} not found", a.image.display());
+    }
+    let image = read_image(&a.image)
+        .with_context(|| format!("cannot read image {}", a.image.display()))?;
+    let model = load_trained(&a.checkpoint, a.clip_weights.as_deref())?;
+    let cfg = model.config().clone();
+    let pre = preprocess_of(&cfg);
+    let (h, w) = (image.height, image.width);
+    let aux = a
+        .aux_text
+        .clone()
+        .unwrap_or_else(|| radiology_rewrite(&a.text, &a.modality));
+    // The same resampling and normalisation as the training loader (no augmentation).
+    let sample = Sample {
+        id: a.image.display().to_string(),
+        image,
+        mask: Mask::zeros(h, w),
+        caption: a.text.clone(),
+        aux_caption: Some(aux.clone()),
+    };
+    let p = pre.apply(&sample, &AugmentParams::default());
+    let dev = Device::Cpu;
+    let clip = Tensor::from_vec(p.clip, (3, pre.clip_size, pre.clip_size), &dev)?;
+    let cnn = Tensor::from_vec(p.cnn, (3, pre.cnn_size, pre.cnn_size), &dev)?;
+    let probs = model.predict(&clip, &cnn, &[a.text.as_str()], Some(&[aux.as_str()]))?;
+    let s = cfg.label_size;
+    let probs = probs.squeeze(0)?.flatten_all()?.to_vec1::<f32>()?;
+    let (oh, ow, plane) = if a.label_size_output {
+        (s, s, probs)
+    } else {
+        (h, w, resize_nearest(&probs, s, s, h, w))
+    };
+    let mask: Vec<u8> = plane
+        .iter()
+        .map(|&v| if v > a.threshold { 255 } else { 0 })
+        .collect();
+    let fg = mask.iter().filter(|&&v| v > 0).count();
+    image::GrayImage::from_raw(ow as u32, oh as u32, mask)
+        .context("mask buffer size")?
+        .save(&a.out)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    println!(
+        "mask {}x{} ({} foreground pixels, {:.2}%) -> {}",
+        ow,
+        oh,
+        fg,
+        100.0 * fg as f64 / (oh * ow) as f64,
+        a.out.display()
+    );
+    if let Some(ov) = &a.overlay {
+        // The overlay is drawn at the mask's size on the grey image.
+        let grey: Vec<f32> = (0..h * w)
+            .map(|i| {
+                let c = sample.image.channels;
+                (0..c).map(|k| sample.image.data[k * h * w + i]).sum::<f32>() / c as f32
+            })
+            .collect();
+        let grey = if (oh, ow) == (h, w) {
+            grey
+        } else {
+            resize_nearest(&grey, h, w, oh, ow)
+        };
+        let img_t = Tensor::from_vec(grey, (oh, ow), &dev)?;
+        let m_t = Tensor::from_vec(plane, (oh, ow), &dev)?;
+        tgc_train::write_overlay(&img_t, &m_t, None, &a.text, ov)
+            .with_context(|| format!("cannot write overlay {}", ov.display()))?;
+        println!("overlay -> {}", ov.display());
+    }
+    Ok(())
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    let file = match &a.config {
+        Some(p) => RunFile::read(p)?,
+        None => RunFile::default(),
+    };
+    let preset = a
+        .preset
+        .or(file.preset.clone())
+        .unwrap_or_else(|| "cpu".into());
+    let cfg = run::model_config(&preset, file.model.as_ref())?;
+    // Counting needs no weights: the frozen towers get deterministic random values.
+    let model = build_model(cfg.clone(), &WeightSource::Random { seed: 0 })?;
+    let c = model.param_counts();
+    println!("preset {preset} (frozen towers built with random weights: counting only)");
+    println!(
+        "inputs: CLIP {0}x{0}, CNN {1}x{1}, labels {2}x{2}, prompts {3} tokens",
+        cfg.clip_size, cfg.cnn_size, cfg.label_size, cfg.max_text_len
+    );
+    println!(
+        "modes: sse {:?}, text {:?}, vlcm {:?}, image_only {}",
+        cfg.sse.mode, cfg.text_mode, cfg.vlcm.variant, cfg.image_only
+    );
+    println!("{:<12} {:>12}", "module", "trainable");
+    for (k, v) in &c.per_module {
+        println!("{k:<12} {v:>12}");
+    }
+    println!("{:<12} {:>12}", "total", c.trainable);
+    println!("{:<12} {:>12}", "frozen", c.frozen);
+    Ok(())
+}
+
+fn similarity(a: SimilarityArgs) -> Result<()> {
+    if !a.image.is_file() {
+        bail!("image {} not found", a.image.display());
+    }
+    let img = image::open(&a.image)
+        .with_context(|| format!("cannot read image {}", a.image.display()))?;
+    let cfg = TgcConfig::preset(&a.preset)?;
+    let dev = Device::Cpu;
+    let towers = tgc_model::FrozenTowers::load(&cfg, &run::weight_source(&a.clip_weights), &dev)
+        .context("loading CLIP")?;
+    let pixels = tgc_clip::preprocess(&img, cfg.clip_size, &dev)?;
+    let (ids, mask) = towers.tokenizer().encode_padded(&a.text)?;
+    let n = ids.len();
+    let ids = Tensor::from_vec(ids, n, &dev)?;
+    let mask = Tensor::from_vec(mask, n, &dev)?;
+    let map = tgc_clip::similarity_map(towers.clip(), &pixels, &ids, Some(&mask))?;
+    tgc_clip::write_heatmap_png(&map, &a.out)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    let (gh, gw) = map.dims2()?;
+    let v = map.flatten_all()?.to_vec1::<f32>()?;
+    let lo = v.iter().cloned().fold(f32::INFINITY, f32::min);
+    let hi = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    println!(
+        "similarity map {gh}x{gw} (cosine {lo:.3} .. {hi:.3}) -> {}",
+        a.out.display()
+    );
+    if matches!(run::weight_source(&a.clip_weights), WeightSource::Random { .. }) {
+        println!("note: random CLIP weights; pass --clip-weights for a meaningful map");
+    }
+    Ok(())
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn cache(a: CacheArgs) -> Result<()> {
+    let cfg = TgcConfig::preset(&a.preset)?;
+    let ds: Arc<dyn SegDataset> = match (&a.data, &a.phantoms) {
+        (Some(root), _) => run::lvit(root, run::split(&a.split)?)?,
+        (None, Some(kind)) => run::phantoms(
+            run::phantom_kind(kind)?,
+            true,
+            run::PHANTOM_TRAIN,
+            cfg.label_size,
+        ),
+        (None, None) => bail!("pass --data DIR or --phantoms ct|cxr"),
+    };
+    if a.batch_size == 0 {
+        bail!("--batch-size must be positive");
+    }
+    let model = build_model(cfg.clone(), &run::weight_source(&a.clip_weights))?;
+    let pre = preprocess_of(&cfg);
+    // The same model id as the trainer's disk cache, so `train.cache_dir` finds it.
+    let disk = FeatureCache::open(&a.out, &cfg.frozen_id(""))
+        .with_context(|| format!("cannot open cache {}", a.out.display()))?;
+    let mut store = FeatureStore::new(Some(disk), &pre, true);
+    let mut passes = vec![Augment::off()];
+    if a.flip {
+        passes.push(Augment::always_flip());
+    }
+    for aug in passes {
+        let loader = DataLoader::new(ds.clone(), pre, a.batch_size, None, aug, Device::Cpu);
+        let bar = indicatif::ProgressBar::new(loader.num_batches() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "cache {bar:30} {pos}/{len} [{elapsed}<{eta}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        for (i, batch) in loader.epoch(0).enumerate() {
+            let batch = batch?;
+            store.images(&model, &batch)?;
+            // Bound the memory of pending features.
+            if i % 32 == 31 {
+                store.flush()?;
+            }
+            bar.inc(1);
+        }
+        store.flush()?;
+        bar.finish_and_clear();
+    }
+    let bytes = dir_size(&a.out);
+    println!(
+        "cached {} images{} of {} in {} ({:.1} MiB on disk)",
+        ds.len(),
+        if a.flip { " (and their flips)" } else { "" },
+        ds.name(),
+        a.out.display(),
+        bytes as f64 / (1024.0 * 1024.0)
+    );
+    std::io::stdout().flush().ok();
+    Ok(())
+}

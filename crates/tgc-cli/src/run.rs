@@ -1,0 +1,207 @@
+//! The `run.toml` file of `tgc train` and the shared resolution of models, weights and
+//! datasets.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tgc_data::{LvitDataset, PhantomKind, SegDataset, Split, SyntheticPhantoms};
+use tgc_model::{TgcConfig, WeightSource};
+use tgc_train::TrainConfig;
+
+/// Training images of the synthetic phantom set (seed 1).
+pub const PHANTOM_TRAIN: usize = 640;
+/// Validation images of the synthetic phantom set (seed 2).
+pub const PHANTOM_VAL: usize = 128;
+
+/// `run.toml`: every field is optional; command-line flags win over the file.
+///
+/// ```toml
+/// preset = "cpu"               # paper | cpu | tiny
+/// data = "../shared/data/qata-cov19"   # LViT folder (relative to the working directory)
+/// # phantoms = "ct"            # or synthetic phantoms: ct | cxr
+/// out = "runs/qata"
+/// clip_weights = "random"      # random | file.safetensors | dir | hub:<repo>
+/// train_count = 640            # phantom images for training (default 640)
+/// val_count = 128              # phantom (or first N real) validation images
+/// [model]                      # any TgcConfig field, merged into the preset
+/// text_mode = "main_only"
+/// sse = { mode = "clip_only" }
+/// [train]                      # any TrainConfig field
+/// epochs = 10
+/// lr = 2e-5
+/// ```
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunFile {
+    /// Model preset.
+    pub preset: Option<String>,
+    /// LViT dataset folder.
+    pub data: Option<PathBuf>,
+    /// Synthetic phantoms instead of `data`: `ct` or `cxr`.
+    pub phantoms: Option<String>,
+    /// Output folder.
+    pub out: Option<PathBuf>,
+    /// Frozen CLIP weights.
+    pub clip_weights: Option<String>,
+    /// Phantom training images.
+    pub train_count: Option<usize>,
+    /// Validation images (phantoms: how many; real data: the first N of the split).
+    pub val_count: Option<usize>,
+    /// Overrides merged into the preset's `TgcConfig`.
+    pub model: Option<toml::Table>,
+    /// Overrides merged into the dataset's default `TrainConfig`.
+    pub train: Option<toml::Table>,
+}
+
+impl RunFile {
+    /// Reads and parses a run file; errors name the file.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+}
+
+/// Merges `over` into `base` recursively (tables merge, everything else replaces).
+fn merge(base: &mut serde_json::Value, over: serde_json::Value) {
+    match (base, over) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// Applies a TOML table of overrides to a serializable default, field by field.
+pub fn apply_overrides<T>(base: &T, over: Option<&toml::Table>, what: &str) -> Result<T>
+where
+    T: Serialize + serde::de::DeserializeOwned,
+{
+    let mut v = serde_json::to_value(base)?;
+    if let Some(t) = over {
+        let o = serde_json::to_value(t).with_context(|| format!("[{what}] table"))?;
+        if let (serde_json::Value::Object(bm), serde_json::Value::Object(om)) = (&v, &o) {
+            if let Some(k) = om.keys().find(|k| !bm.contains_key(*k)) {
+                let known: Vec<_> = bm.keys().map(String::as_str).collect();
+                bail!(
+                    "[{what}] has an unknown field `{k}` (known: {})",
+                    known.join(", ")
+                );
+            }
+        }
+        merge(&mut v, o);
+    }
+    serde_json::from_value(v).with_context(|| format!("invalid [{what}] settings"))
+}
+
+/// The model config: the preset with the `[model]` overrides, validated.
+pub fn model_config(preset: &str, over: Option<&toml::Table>) -> Result<TgcConfig> {
+    let base = TgcConfig::preset(preset)?;
+    let cfg: TgcConfig = apply_overrides(&base, over, "model")?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Parses a `--clip-weights` value.
+pub fn weight_source(spec: &str) -> WeightSource {
+    match spec {
+        "random" => WeightSource::Random { seed: 0 },
+        s if s.starts_with("hub:") => WeightSource::hub(&s[4..]),
+        s if Path::new(s).is_dir() => WeightSource::Dir(s.into()),
+        s => WeightSource::File(s.into()),
+    }
+}
+
+/// Parses a `--phantoms` value.
+pub fn phantom_kind(s: &str) -> Result<PhantomKind> {
+    match s {
+        "ct" => Ok(PhantomKind::CtSlice),
+        "cxr" => Ok(PhantomKind::ChestXray),
+        o => bail!("unknown phantom kind {o:?} (expected ct or cxr)"),
+    }
+}
+
+/// The first `n` samples of a dataset (all when `n` is `None` or larger).
+struct Head {
+    inner: Arc<dyn SegDataset>,
+    n: usize,
+}
+
+impl SegDataset for Head {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn len(&self) -> usize {
+        self.n
+    }
+    fn get(&self, i: usize) -> tgc_data::Result<tgc_data::Sample> {
+        self.inner.get(i)
+    }
+}
+
+/// Truncates a dataset to its first `n` samples.
+pub fn head(ds: Arc<dyn SegDataset>, n: Option<usize>) -> Arc<dyn SegDataset> {
+    match n {
+        Some(n) if n < ds.len() => Arc::new(Head { inner: ds, n }),
+        _ => ds,
+    }
+}
+
+/// Opens an LViT split, with an error naming the folder.
+pub fn lvit(root: &Path, split: Split) -> Result<Arc<dyn SegDataset>> {
+    let ds = LvitDataset::open(root, split)
+        .with_context(|| format!("cannot open dataset {}", root.display()))?;
+    Ok(Arc::new(ds))
+}
+
+/// Synthetic phantoms: training (seed 1) or validation (seed 2).
+pub fn phantoms(kind: PhantomKind, train: bool, n: usize, size: usize) -> Arc<dyn SegDataset> {
+    let seed = if train { 1 } else { 2 };
+    Arc::new(SyntheticPhantoms::new(kind, n, seed, size))
+}
+
+/// Parses a `--split` value.
+pub fn split(s: &str) -> Result<Split> {
+    match s {
+        "train" => Ok(Split::Train),
+        "val" => Ok(Split::Val),
+        "test" => Ok(Split::Test),
+        o => bail!("unknown split {o:?} (expected train, val or test)"),
+    }
+}
+
+/// The default training recipe for a dataset folder (the paper's learning rate by its
+/// name) or for phantoms (lr 2e-3, 6 epochs, no early stopping).
+pub fn default_train(data: Option<&Path>) -> TrainConfig {
+    match data {
+        None => TrainConfig {
+            epochs: 6,
+            lr: 2e-3,
+            patience: 0,
+            ..TrainConfig::default()
+        },
+        Some(d) => {
+            let name = d
+                .file_name()
+                .map(|n| n.to_string_lossy().to_lowercase())
+                .unwrap_or_default();
+            let key = if name.contains("mosmed") {
+                "mosmed"
+            } else if name.contains("qata") {
+                "qata"
+            } else {
+                name.as_str()
+            };
+            TrainConfig::for_dataset(key)
+        }
+    }
+}
