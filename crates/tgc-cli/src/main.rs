@@ -95,7 +95,11 @@ struct EvalArgs {
     #[arg(long)]
     checkpoint: PathBuf,
     /// LViT dataset folder to evaluate on.
-    #[arg(long, conflicts_with = "phantoms", required_unless_present = "phantoms")]
+    #[arg(
+        long,
+        conflicts_with = "phantoms",
+        required_unless_present = "phantoms"
+    )]
     data: Option<PathBuf>,
     /// Evaluate on synthetic validation phantoms (seed 2) instead: ct or cxr.
     #[arg(long)]
@@ -190,7 +194,11 @@ struct SimilarityArgs {
 #[derive(clap::Args, Debug)]
 struct CacheArgs {
     /// LViT dataset folder.
-    #[arg(long, conflicts_with = "phantoms", required_unless_present = "phantoms")]
+    #[arg(
+        long,
+        conflicts_with = "phantoms",
+        required_unless_present = "phantoms"
+    )]
     data: Option<PathBuf>,
     /// Synthetic phantoms instead: ct or cxr (the 640 training images, seed 1).
     #[arg(long)]
@@ -451,7 +459,11 @@ fn eval(a: EvalArgs) -> Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
         w.write_record(["id", "dice", "iou"])?;
         for s in &scores {
-            w.write_record([s.id.clone(), format!("{:.6}", s.dice), format!("{:.6}", s.iou)])?;
+            w.write_record([
+                s.id.clone(),
+                format!("{:.6}", s.dice),
+                format!("{:.6}", s.iou),
+            ])?;
         }
         w.flush()
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -477,8 +489,8 @@ fn predict(a: PredictArgs) -> Result<()> {
     if !a.image.is_file() {
         bail!("image {} not found", a.image.display());
     }
-    let image = read_image(&a.image)
-        .with_context(|| format!("cannot read image {}", a.image.display()))?;
+    let image =
+        read_image(&a.image).with_context(|| format!("cannot read image {}", a.image.display()))?;
     let model = load_trained(&a.checkpoint, a.clip_weights.as_deref())?;
     let cfg = model.config().clone();
     let pre = preprocess_of(&cfg);
@@ -529,7 +541,10 @@ fn predict(a: PredictArgs) -> Result<()> {
         let grey: Vec<f32> = (0..h * w)
             .map(|i| {
                 let c = sample.image.channels;
-                (0..c).map(|k| sample.image.data[k * h * w + i]).sum::<f32>() / c as f32
+                (0..c)
+                    .map(|k| sample.image.data[k * h * w + i])
+                    .sum::<f32>()
+                    / c as f32
             })
             .collect();
         let grey = if (oh, ow) == (h, w) {
@@ -603,7 +618,10 @@ fn similarity(a: SimilarityArgs) -> Result<()> {
         "similarity map {gh}x{gw} (cosine {lo:.3} .. {hi:.3}) -> {}",
         a.out.display()
     );
-    if matches!(run::weight_source(&a.clip_weights), WeightSource::Random { .. }) {
+    if matches!(
+        run::weight_source(&a.clip_weights),
+        WeightSource::Random { .. }
+    ) {
         println!("note: random CLIP weights; pass --clip-weights for a meaningful map");
     }
     Ok(())
@@ -650,10 +668,8 @@ fn cache(a: CacheArgs) -> Result<()> {
         let loader = DataLoader::new(ds.clone(), pre, a.batch_size, None, aug, Device::Cpu);
         let bar = indicatif::ProgressBar::new(loader.num_batches() as u64);
         bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "cache {bar:30} {pos}/{len} [{elapsed}<{eta}]",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template("cache {bar:30} {pos}/{len} [{elapsed}<{eta}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         for (i, batch) in loader.epoch(0).enumerate() {
             let batch = batch?;

@@ -1,0 +1,220 @@
+//! End-to-end tests of the `tgc` binary: train -> eval -> predict on synthetic phantoms
+//! with the tiny preset, and one-line errors on bad input.
+
+use std::path::Path;
+
+use assert_cmd::Command;
+use tgc_data::{PhantomKind, SegDataset, SyntheticPhantoms};
+
+fn tgc() -> Command {
+    Command::cargo_bin("tgc").expect("the tgc binary is built")
+}
+
+fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("runs");
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// Writes phantom `i` of the validation set (seed 2) as an 8-bit grey PNG; returns its
+/// caption and size.
+fn write_phantom(path: &Path, size: usize) -> (String, usize) {
+    let ds = SyntheticPhantoms::new(PhantomKind::CtSlice, 1, 2, size);
+    let s = ds.get(0).expect("phantom");
+    assert_eq!(s.image.channels, 1);
+    let px: Vec<u8> = s
+        .image
+        .data
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
+    image::GrayImage::from_raw(s.image.width as u32, s.image.height as u32, px)
+        .expect("buffer")
+        .save(path)
+        .expect("png");
+    (s.caption, s.image.width)
+}
+
+#[test]
+fn train_eval_predict_on_phantoms() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("run");
+    let cfg = dir.path().join("run.toml");
+    let val_count = 8;
+    std::fs::write(
+        &cfg,
+        format!(
+            "preset = \"tiny\"\nphantoms = \"ct\"\ntrain_count = 80\nval_count = {val_count}\n\
+             [train]\nepochs = 1\nmax_steps = 10\nprogress = false\noverlays = 1\n"
+        ),
+    )
+    .expect("write run.toml");
+
+    let s = stdout_of(
+        tgc()
+            .args(["train", "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(s.contains("best val Dice:"), "{s}");
+    for f in [
+        "best.safetensors",
+        "last.safetensors",
+        "metrics.jsonl",
+        "run.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let ck = out.join("best.safetensors");
+
+    // eval: the Dice line parses, the CSV has one row per validation image.
+    let csv = dir.path().join("scores.csv");
+    let s = stdout_of(
+        tgc()
+            .args(["eval", "--checkpoint"])
+            .arg(&ck)
+            .args([
+                "--phantoms",
+                "ct",
+                "--count",
+                &val_count.to_string(),
+                "--csv",
+            ])
+            .arg(&csv),
+    );
+    let dice: f64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("Dice "))
+        .expect("Dice line")
+        .trim()
+        .parse()
+        .expect("Dice is a number");
+    assert!((0.0..=1.0).contains(&dice), "{dice}");
+    let n: usize = s
+        .lines()
+        .find_map(|l| l.strip_prefix("n "))
+        .expect("n line")
+        .trim()
+        .parse()
+        .expect("n is a number");
+    assert_eq!(n, val_count);
+    let text = std::fs::read_to_string(&csv).expect("csv");
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("id,dice,iou"));
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), val_count);
+    // The per-image Dice scores average to the printed Dice (to its 4 decimals).
+    let mean: f64 = rows
+        .iter()
+        .map(|r| r.split(',').nth(1).unwrap().parse::<f64>().unwrap())
+        .sum::<f64>()
+        / val_count as f64;
+    assert!((mean - dice).abs() < 1e-4, "{mean} vs {dice}");
+
+    // predict: a 96 px phantom -> mask at the input size, or at the label size (64).
+    let img = dir.path().join("x.png");
+    let (caption, size) = write_phantom(&img, 96);
+    let mask = dir.path().join("m.png");
+    let overlay = dir.path().join("o.png");
+    stdout_of(
+        tgc()
+            .args(["predict", "--checkpoint"])
+            .arg(&ck)
+            .arg("--image")
+            .arg(&img)
+            .args(["--text", &caption, "--out"])
+            .arg(&mask)
+            .arg("--overlay")
+            .arg(&overlay),
+    );
+    let m = image::open(&mask).expect("mask decodes").to_luma8();
+    assert_eq!(m.dimensions(), (size as u32, size as u32));
+    assert!(m.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255));
+    assert!(image::open(&overlay).is_ok());
+    stdout_of(
+        tgc()
+            .args(["predict", "--label-size-output", "--checkpoint"])
+            .arg(&ck)
+            .arg("--image")
+            .arg(&img)
+            .args(["--text", &caption, "--out"])
+            .arg(&mask),
+    );
+    let m = image::open(&mask).expect("mask decodes");
+    assert_eq!((m.width(), m.height()), (64, 64));
+
+    // A file that is not a checkpoint: one error line naming it.
+    let out = tgc()
+        .args(["eval", "--phantoms", "ct", "--checkpoint"])
+        .arg(&img)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("x.png"), "{err}");
+}
+
+#[test]
+fn predict_missing_image_is_one_line_error() {
+    let out = tgc()
+        .args([
+            "predict",
+            "--checkpoint",
+            "no-such.safetensors",
+            "--image",
+            "no-such-image.png",
+            "--text",
+            "left lung",
+            "--out",
+            "m.png",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains("no-such-image.png"), "{err}");
+}
+
+#[test]
+fn unknown_run_file_field_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, "preset = \"tiny\"\n[train]\nepoch = 1\n").expect("write");
+    let out = tgc()
+        .args(["train", "--phantoms", "ct", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("`epoch`"), "{err}");
+}
+
+#[test]
+fn info_total_is_the_sum_of_modules() {
+    let s = stdout_of(tgc().args(["info", "--preset", "tiny"]));
+    let num = |name: &str| -> usize {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} line in {s}"))
+            .trim()
+            .parse()
+            .expect("number")
+    };
+    let parts: usize = ["sse ", "date ", "vlcm ", "decoder "]
+        .iter()
+        .map(|m| num(m))
+        .sum();
+    assert_eq!(parts, num("total "));
+    assert!(num("frozen ") > 0);
+}
