@@ -62,6 +62,11 @@ struct Args {
     /// Text tower: clip (the paper) or minilm (all-MiniLM-L6-v2 from weights/minilm).
     #[arg(long, default_value = "clip")]
     text_tower: String,
+    /// Time budget in minutes: a 5-step probe run (its own model, same feature cache)
+    /// measures seconds per step and sets max_steps so training fills about 80% of the
+    /// budget (the rest is left for validation). An estimate, not a hard deadline.
+    #[arg(long)]
+    minutes: Option<f64>,
     /// Resume from the run's last checkpoint.
     #[arg(long)]
     resume: bool,
@@ -159,6 +164,38 @@ fn run() -> Result<()> {
         cnn_size: cfg.cnn_size,
         label_size: cfg.label_size,
     };
+    let mut max_steps = args.max_steps;
+    if let Some(minutes) = args.minutes {
+        let probe_steps = 5;
+        let probe = TgcNet::load(
+            cfg.clone(),
+            &weights(&args.clip_weights),
+            &candle_core::Device::Cpu,
+        )
+        .context("building the probe model")?;
+        let tc = TrainConfig {
+            epochs: 1,
+            max_steps: Some(probe_steps),
+            progress: false,
+            overlays: 0,
+            cache_dir: Some(args.out.join("feature-cache")),
+            ..TrainConfig::for_dataset("qata")
+        };
+        let t0 = std::time::Instant::now();
+        let mut t = Trainer::new(
+            &probe,
+            tc,
+            train.clone(),
+            first(val.clone(), Some(8)),
+            pre,
+            args.out.join("probe"),
+        )?;
+        t.fit()?;
+        let per_step = t0.elapsed().as_secs_f64() / probe_steps as f64;
+        let budget = ((minutes * 60.0 * 0.8) / per_step).floor().max(1.0) as u64;
+        println!("probe: {per_step:.2} s/step -> max_steps {budget} for {minutes} min");
+        max_steps = Some(max_steps.map_or(budget, |m| m.min(budget)));
+    }
     let model = TgcNet::load(cfg, &weights(&args.clip_weights), &candle_core::Device::Cpu)
         .context("building the model")?;
     let counts = model.param_counts();
@@ -168,7 +205,7 @@ fn run() -> Result<()> {
     );
     let tc = TrainConfig {
         epochs: args.epochs,
-        max_steps: args.max_steps,
+        max_steps,
         lr: args.lr,
         cache_dir: Some(args.out.join("feature-cache")),
         ..TrainConfig::for_dataset("qata")
