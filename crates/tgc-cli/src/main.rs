@@ -21,8 +21,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use tgc_data::{
-    radiology_rewrite, read_image, Augment, AugmentParams, DataLoader, FeatureCache, Mask,
-    Preprocess, Sample, SegDataset,
+    radiology_rewrite, read_image, write_volume_u8, Augment, AugmentParams, DataLoader,
+    FeatureCache, HuWindow, Mask, Preprocess, Sample, SegDataset, Volume,
 };
 use tgc_model::{TgcConfig, TgcNet, WeightSource, CONFIG_METADATA_KEY};
 use tgc_train::{evaluate, FeatureStore, Trainer};
@@ -62,8 +62,8 @@ enum Cmd {
 #[derive(clap::Args, Debug)]
 struct TrainArgs {
     /// Run file (TOML). Every field is optional: preset, data, phantoms, out,
-    /// clip_weights, train_count, val_count, [model] (TgcConfig overrides merged into
-    /// the preset) and [train] (TrainConfig overrides). Flags below win over the file.
+    /// clip_weights, train_count, val_count, a model table (TgcConfig overrides merged into
+    /// the preset) and a train table (TrainConfig overrides). Flags below win over the file.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Model preset: paper, cpu or tiny (default: the file's, else cpu).
@@ -79,11 +79,11 @@ struct TrainArgs {
     /// overlays/ and run.json (default: the file's, else runs/tgc).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Frozen CLIP weights: random, a safetensors file, a folder or hub:<repo>
+    /// Frozen CLIP weights: random, a safetensors file, a folder or hub:REPO
     /// (default: the file's, else random).
     #[arg(long)]
     clip_weights: Option<String>,
-    /// Resume from <out>/last.safetensors when it exists.
+    /// Resume from OUT/last.safetensors when it exists.
     #[arg(long)]
     resume: bool,
 }
@@ -131,11 +131,26 @@ struct PredictArgs {
     #[arg(long)]
     checkpoint: PathBuf,
     /// Input image (PNG; grey or RGB).
-    #[arg(long)]
-    image: PathBuf,
+    #[arg(long, required_unless_present = "volume", conflicts_with = "volume")]
+    image: Option<PathBuf>,
     /// The primary text prompt (a report sentence).
-    #[arg(long)]
-    text: String,
+    #[arg(long, required_unless_present = "volume")]
+    text: Option<String>,
+    /// A CT volume (.nii / .nii.gz) instead of --image: every axial slice is segmented
+    /// once per organ in --organs and --out receives a u8 NIfTI label map (organ i of the
+    /// list = label i, background 0; per voxel the organ of highest probability above
+    /// --threshold) with the input's header.
+    #[arg(long, requires = "organs")]
+    volume: Option<PathBuf>,
+    /// Comma-separated organ prompts for --volume, e.g. spleen,liver.
+    #[arg(long, value_delimiter = ',')]
+    organs: Vec<String>,
+    /// HU window level for --volume (abdomen: 40).
+    #[arg(long, default_value_t = 40.0)]
+    window_level: f32,
+    /// HU window width for --volume (abdomen: 400).
+    #[arg(long, default_value_t = 400.0)]
+    window_width: f32,
     /// Auxiliary prompt for DATE (default: the built-in rewriter applied to --text
     /// with --modality, as in training).
     #[arg(long)]
@@ -167,7 +182,7 @@ struct InfoArgs {
     /// Model preset: paper, cpu or tiny (default: the file's, else cpu).
     #[arg(long)]
     preset: Option<String>,
-    /// Run file whose preset and [model] overrides are applied.
+    /// Run file whose preset and model-table overrides are applied.
     #[arg(long)]
     config: Option<PathBuf>,
 }
@@ -183,7 +198,7 @@ struct SimilarityArgs {
     /// Output heat-map PNG.
     #[arg(long)]
     out: PathBuf,
-    /// Frozen CLIP weights: random, a safetensors file, a folder or hub:<repo>.
+    /// Frozen CLIP weights: random, a safetensors file, a folder or hub:REPO.
     #[arg(long, default_value = "random")]
     clip_weights: String,
     /// Preset whose CLIP architecture and input size are used.
@@ -212,7 +227,7 @@ struct CacheArgs {
     /// Model preset: paper, cpu or tiny.
     #[arg(long, default_value = "cpu")]
     preset: String,
-    /// Frozen CLIP weights: random, a safetensors file, a folder or hub:<repo>.
+    /// Frozen CLIP weights: random, a safetensors file, a folder or hub:REPO.
     #[arg(long, default_value = "random")]
     clip_weights: String,
     /// Also cache the horizontally flipped variant (training uses flips by default).
@@ -486,11 +501,17 @@ fn resize_nearest(v: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> Vec<f3
 }
 
 fn predict(a: PredictArgs) -> Result<()> {
-    if !a.image.is_file() {
-        bail!("image {} not found", a.image.display());
+    if let Some(vol) = &a.volume {
+        return predict_volume(&a, vol);
     }
-    let image =
-        read_image(&a.image).with_context(|| format!("cannot read image {}", a.image.display()))?;
+    let (Some(image_path), Some(text)) = (&a.image, &a.text) else {
+        bail!("pass --image and --text (or --volume and --organs)");
+    };
+    if !image_path.is_file() {
+        bail!("image {} not found", image_path.display());
+    }
+    let image = read_image(image_path)
+        .with_context(|| format!("cannot read image {}", image_path.display()))?;
     let model = load_trained(&a.checkpoint, a.clip_weights.as_deref())?;
     let cfg = model.config().clone();
     let pre = preprocess_of(&cfg);
@@ -498,20 +519,20 @@ fn predict(a: PredictArgs) -> Result<()> {
     let aux = a
         .aux_text
         .clone()
-        .unwrap_or_else(|| radiology_rewrite(&a.text, &a.modality));
+        .unwrap_or_else(|| radiology_rewrite(text, &a.modality));
     // The same resampling and normalisation as the training loader (no augmentation).
     let sample = Sample {
-        id: a.image.display().to_string(),
+        id: image_path.display().to_string(),
         image,
         mask: Mask::zeros(h, w),
-        caption: a.text.clone(),
+        caption: text.clone(),
         aux_caption: Some(aux.clone()),
     };
     let p = pre.apply(&sample, &AugmentParams::default());
     let dev = Device::Cpu;
     let clip = Tensor::from_vec(p.clip, (3, pre.clip_size, pre.clip_size), &dev)?;
     let cnn = Tensor::from_vec(p.cnn, (3, pre.cnn_size, pre.cnn_size), &dev)?;
-    let probs = model.predict(&clip, &cnn, &[a.text.as_str()], Some(&[aux.as_str()]))?;
+    let probs = model.predict(&clip, &cnn, &[text.as_str()], Some(&[aux.as_str()]))?;
     let s = cfg.label_size;
     let probs = probs.squeeze(0)?.flatten_all()?.to_vec1::<f32>()?;
     let (oh, ow, plane) = if a.label_size_output {
@@ -554,10 +575,90 @@ fn predict(a: PredictArgs) -> Result<()> {
         };
         let img_t = Tensor::from_vec(grey, (oh, ow), &dev)?;
         let m_t = Tensor::from_vec(plane, (oh, ow), &dev)?;
-        tgc_train::write_overlay(&img_t, &m_t, None, &a.text, ov)
+        tgc_train::write_overlay(&img_t, &m_t, None, text, ov)
             .with_context(|| format!("cannot write overlay {}", ov.display()))?;
         println!("overlay -> {}", ov.display());
     }
+    Ok(())
+}
+
+/// Segments every axial slice of a volume once per organ and writes the label map.
+fn predict_volume(a: &PredictArgs, path: &Path) -> Result<()> {
+    if a.organs.is_empty() || a.organs.iter().any(|o| o.trim().is_empty()) {
+        bail!("--organs needs a comma-separated list of organ names");
+    }
+    if a.organs.len() > 255 {
+        bail!("at most 255 organs fit a u8 label map");
+    }
+    let vol =
+        Volume::read(path).with_context(|| format!("cannot read volume {}", path.display()))?;
+    let model = load_trained(&a.checkpoint, a.clip_weights.as_deref())?;
+    let cfg = model.config().clone();
+    let pre = preprocess_of(&cfg);
+    let window = HuWindow {
+        level: a.window_level,
+        width: a.window_width,
+    };
+    let [w, h, n] = vol.display_dims();
+    let organs: Vec<&str> = a.organs.iter().map(|o| o.trim()).collect();
+    let k = organs.len();
+    let s = cfg.label_size;
+    let dev = Device::Cpu;
+    let mut labels = vec![0u8; w * h * n];
+    let bar = indicatif::ProgressBar::new(n as u64);
+    for z in 0..n {
+        let grey: Vec<f32> = vol.slice(z).iter().map(|&hu| window.apply(hu)).collect();
+        let sample = Sample {
+            id: format!("slice{z}"),
+            image: tgc_data::ImageF32::grey(h, w, grey)?,
+            mask: Mask::zeros(h, w),
+            caption: String::new(),
+            aux_caption: None,
+        };
+        let p = pre.apply(&sample, &AugmentParams::default());
+        let clip = Tensor::from_vec(p.clip, (3, pre.clip_size, pre.clip_size), &dev)?;
+        let cnn = Tensor::from_vec(p.cnn, (3, pre.cnn_size, pre.cnn_size), &dev)?;
+        // The organ name is both prompts, as NiftiVolumeDataset's samples have it.
+        let probs = model.predict(&clip, &cnn, &organs, Some(&organs))?;
+        let probs = probs.flatten_all()?.to_vec1::<f32>()?;
+        let planes: Vec<Vec<f32>> = (0..k)
+            .map(|o| resize_nearest(&probs[o * s * s..(o + 1) * s * s], s, s, h, w))
+            .collect();
+        let dst = &mut labels[z * w * h..(z + 1) * w * h];
+        for (i, d) in dst.iter_mut().enumerate() {
+            let mut best = (0u8, a.threshold);
+            for (o, plane) in planes.iter().enumerate() {
+                if plane[i] > best.1 {
+                    best = (o as u8 + 1, plane[i]);
+                }
+            }
+            *d = best.0;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    // Display order back to the file's voxel order.
+    let mut vox = vec![0u8; labels.len()];
+    for z in 0..n {
+        for r in 0..h {
+            for c in 0..w {
+                vox[vol.orientation.voxel_index(vol.dims, [c, r, z])] = labels[(z * h + r) * w + c];
+            }
+        }
+    }
+    write_volume_u8(&a.out, &vol.header, vol.dims, &vox)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    for (o, name) in organs.iter().enumerate() {
+        let count = vox.iter().filter(|&&v| v as usize == o + 1).count();
+        println!("label {} {name}: {count} voxels", o + 1);
+    }
+    println!(
+        "label map {}x{}x{} -> {}",
+        vol.dims[0],
+        vol.dims[1],
+        vol.dims[2],
+        a.out.display()
+    );
     Ok(())
 }
 

@@ -149,6 +149,28 @@ fn train_eval_predict_on_phantoms() {
     let m = image::open(&mask).expect("mask decodes");
     assert_eq!((m.width(), m.height()), (64, 64));
 
+    // A CT volume with two organ prompts: a label map on the input's voxel grid.
+    let ct = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/data/ct-example/example_ct_sm.nii.gz");
+    if ct.is_file() {
+        let seg = dir.path().join("seg.nii.gz");
+        let s = stdout_of(
+            tgc()
+                .args(["predict", "--checkpoint"])
+                .arg(&ck)
+                .arg("--volume")
+                .arg(&ct)
+                .args(["--organs", "spleen,liver", "--out"])
+                .arg(&seg),
+        );
+        assert!(s.contains("label 2 liver"), "{s}");
+        let input = tgc_data::Volume::read(&ct).expect("input volume");
+        let out = tgc_data::Volume::read(&seg).expect("label map decodes");
+        assert_eq!(out.dims, input.dims);
+        assert_eq!(out.orientation, input.orientation);
+        assert!(out.data.iter().all(|&v| v == 0.0 || v == 1.0 || v == 2.0));
+    }
+
     // A file that is not a checkpoint: one error line naming it.
     let out = tgc()
         .args(["eval", "--phantoms", "ct", "--checkpoint"])
