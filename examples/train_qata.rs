@@ -219,13 +219,26 @@ fn run() -> Result<()> {
             .with_context(|| format!("resuming from {}", last.display()))?;
     }
     let summary = trainer.fit()?;
+    let has_best = summary.best_checkpoint.is_file() && summary.best_val_dice.is_finite();
+    if has_best {
+        println!("best val Dice: {:.2}", 100.0 * summary.best_val_dice);
+    } else {
+        // max_steps (or --minutes) ended training inside the first epoch: no validation
+        // ran yet, so validate the last weights.
+        let (m, _) = trainer.validate()?;
+        println!(
+            "val Dice of the last weights (stopped mid-epoch): {:.2}",
+            100.0 * m.dice
+        );
+    }
     drop(trainer);
-    println!("best val Dice: {:.2}", 100.0 * summary.best_val_dice);
 
     if args.shuffle_captions {
-        model
-            .load_weights(&summary.best_checkpoint)
-            .with_context(|| format!("loading {}", summary.best_checkpoint.display()))?;
+        if has_best {
+            model
+                .load_weights(&summary.best_checkpoint)
+                .with_context(|| format!("loading {}", summary.best_checkpoint.display()))?;
+        }
         let mut store = FeatureStore::new(None, &pre, true);
         let (own, _) = evaluate(&model, val.clone(), pre, batch, &mut store, true, |_, _| {
             Ok(())
@@ -241,7 +254,7 @@ fn run() -> Result<()> {
             |_, _| Ok(()),
         )?;
         println!(
-            "best checkpoint on val: Dice {:.2} with own captions, {:.2} with shuffled \
+            "on val: Dice {:.2} with own captions, {:.2} with shuffled \
              captions ({:+.2})",
             100.0 * own.dice,
             100.0 * shuf.dice,

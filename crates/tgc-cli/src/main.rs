@@ -63,7 +63,8 @@ enum Cmd {
 struct TrainArgs {
     /// Run file (TOML). Every field is optional: preset, data, phantoms, out,
     /// clip_weights, train_count, val_count, a model table (TgcConfig overrides merged into
-    /// the preset) and a train table (TrainConfig overrides). Flags below win over the file.
+    /// the preset) and a train table (TrainConfig overrides). Relative paths in it are
+    /// relative to the working directory. Flags below win over the file.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Model preset: paper, cpu or tiny (default: the file's, else cpu).
@@ -76,7 +77,9 @@ struct TrainArgs {
     #[arg(long)]
     phantoms: Option<String>,
     /// Output folder: best.safetensors, last.safetensors, metrics.jsonl, curves.png,
-    /// overlays/ and run.json (default: the file's, else runs/tgc).
+    /// overlays/ and run.json (default: the file's, else runs/tgc). When max_steps ends
+    /// training inside the first epoch, the last weights are validated and written to
+    /// final.safetensors instead of best.safetensors.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Frozen CLIP weights: random, a safetensors file, a folder or hub:REPO
@@ -381,16 +384,32 @@ fn train(a: TrainArgs) -> Result<()> {
         }
     }
     let summary = trainer.fit()?;
-    println!(
-        "steps {}; best checkpoint {}",
-        summary.steps,
-        summary.best_checkpoint.display()
-    );
-    println!("best val Dice: {:.4}", summary.best_val_dice);
+    if summary.best_checkpoint.is_file() && summary.best_val_dice.is_finite() {
+        println!(
+            "steps {}; best checkpoint {}",
+            summary.steps,
+            summary.best_checkpoint.display()
+        );
+        println!("best val Dice: {:.4}", summary.best_val_dice);
+    } else {
+        // max_steps stopped training inside the first epoch, before any validation:
+        // validate the last weights and save them on their own.
+        let (m, _) = trainer.validate()?;
+        let path = out.join("final.safetensors");
+        model
+            .save_weights(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!(
+            "steps {}; stopped by max_steps before the end of an epoch (no best checkpoint \
+             yet); last weights {}",
+            summary.steps,
+            path.display()
+        );
+        println!("best val Dice: {:.4} (last weights)", m.dice);
+    }
     Ok(())
 }
 
-/// The model config stored in a checkpoint's metadata.
 fn checkpoint_config(path: &Path) -> Result<TgcConfig> {
     if !path.is_file() {
         bail!("checkpoint {} not found", path.display());
