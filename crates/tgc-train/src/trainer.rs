@@ -40,7 +40,8 @@ pub const META_MODEL_CONFIG: &str = tgc_model::CONFIG_METADATA_KEY;
 pub struct TrainConfig {
     /// Epochs to train (an upper bound with early stopping).
     pub epochs: usize,
-    /// Stop after this many optimiser steps in total (for short runs and tests).
+    /// Stop after this many optimiser steps in total (an interruption: the schedule is
+    /// still planned over `epochs`, so a resumed run continues it exactly).
     pub max_steps: Option<u64>,
     /// Images per batch (8).
     pub batch_size: usize,
@@ -168,37 +169,30 @@ impl FeatureStore {
             }
             missing.push(i);
         }
-        if !missing.is_empty() {
-            let idx = Tensor::new(
-                missing.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                batch.clip_images.device(),
-            )?;
-            let imgs = batch.clip_images.index_select(&idx, 0)?;
-            let f = model.towers().encode_images(&imgs).map_err(model_err)?;
-            for (j, &i) in missing.iter().enumerate() {
-                let one = ImageFeatures {
-                    patch_tokens: f.patch_tokens.narrow(0, j, 1)?,
-                    dense_embeds: f.dense_embeds.narrow(0, j, 1)?,
-                };
-                if let Some(disk) = &self.disk {
-                    let k = disk.key_for_image(
-                        &batch.image_hashes[i],
-                        &self.preprocess_id,
-                        batch.variants[i],
-                    );
-                    self.pending.push((
-                        k,
-                        vec![
-                            ("patch".into(), one.patch_tokens.squeeze(0)?),
-                            ("dense".into(), one.dense_embeds.squeeze(0)?),
-                        ],
-                    ));
-                } else if self.keep {
-                    self.images
-                        .insert((batch.image_hashes[i], batch.variants[i]), one.clone());
-                }
-                out[i] = Some(one);
+        // One image at a time: the towers' arithmetic then never depends on which other
+        // images share a batch, so cached and fresh features are bit-identical (exact
+        // resume relies on it).
+        for &i in &missing {
+            let img = batch.clip_images.narrow(0, i, 1)?;
+            let one = model.towers().encode_images(&img).map_err(model_err)?;
+            if let Some(disk) = &self.disk {
+                let k = disk.key_for_image(
+                    &batch.image_hashes[i],
+                    &self.preprocess_id,
+                    batch.variants[i],
+                );
+                self.pending.push((
+                    k,
+                    vec![
+                        ("patch".into(), one.patch_tokens.squeeze(0)?),
+                        ("dense".into(), one.dense_embeds.squeeze(0)?),
+                    ],
+                ));
+            } else if self.keep {
+                self.images
+                    .insert((batch.image_hashes[i], batch.variants[i]), one.clone());
             }
+            out[i] = Some(one);
         }
         let items: Vec<&ImageFeatures> = out
             .iter()
@@ -219,17 +213,13 @@ impl FeatureStore {
             m.dedup();
             m
         };
-        if !missing.is_empty() {
-            let f = model.towers().encode_prompts(&missing).map_err(model_err)?;
-            for (j, t) in missing.iter().enumerate() {
-                let one = PromptFeatures {
-                    states: f.states.narrow(0, j, 1)?,
-                    mask: f.mask.narrow(0, j, 1)?,
-                    pool: f.pool.narrow(0, j, 1)?,
-                    embeds: f.embeds.as_ref().map(|e| e.narrow(0, j, 1)).transpose()?,
-                };
-                self.prompts.insert(t.clone(), one);
-            }
+        // One prompt at a time, for the same reason as images.
+        for t in missing {
+            let one = model
+                .towers()
+                .encode_prompts(std::slice::from_ref(&t))
+                .map_err(model_err)?;
+            self.prompts.insert(t, one);
         }
         let items: Vec<&PromptFeatures> = texts.iter().map(|t| &self.prompts[t]).collect();
         let out = PromptFeatures::cat(&items).map_err(model_err)?;
@@ -438,10 +428,9 @@ impl<'a> Trainer<'a> {
         )
         .with_drop_last(false);
         let per_epoch = loader.num_batches() as u64;
-        let total = cfg
-            .max_steps
-            .unwrap_or(per_epoch * cfg.epochs as u64)
-            .max(1);
+        // The schedule is planned over the epochs; `max_steps` only interrupts the run, so
+        // an interrupted run and its resumption follow the same learning rates.
+        let total = (per_epoch * cfg.epochs as u64).max(1);
         let warmup = ((total as f64) * cfg.warmup_frac).round() as u64;
         let schedule = WarmupCosine::new(cfg.lr, warmup, total, cfg.lr * cfg.min_lr_frac)?;
         let opt = AdamW::new(
