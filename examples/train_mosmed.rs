@@ -50,6 +50,9 @@ struct Args {
     /// Skip the image-only comparison run on phantoms.
     #[arg(long)]
     no_baseline: bool,
+    /// Train only the image-only variant (prompts replaced by the empty string).
+    #[arg(long)]
+    image_only: bool,
     /// Resume from the run's last checkpoint.
     #[arg(long)]
     resume: bool,
@@ -113,6 +116,21 @@ fn main() -> Result<()> {
                 ..TrainConfig::for_dataset("mosmed")
             };
             println!("training on synthetic CT phantoms (the caption names the target lesions)");
+            if args.image_only {
+                let mut img_only = cfg;
+                img_only.image_only = true;
+                let base = run(
+                    img_only,
+                    tc,
+                    train,
+                    val,
+                    &clip,
+                    &args.out.join("image_only"),
+                    args.resume,
+                )?;
+                println!("held-out Dice image-only: {:.2}", 100.0 * base);
+                return Ok(());
+            }
             let full = run(
                 cfg.clone(),
                 tc.clone(),
