@@ -815,3 +815,26 @@ fn cache(a: CacheArgs) -> Result<()> {
     std::io::stdout().flush().ok();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::resize_nearest;
+
+    #[test]
+    fn nearest_resize_by_hand() {
+        // 2x2 -> 4x4: each source pixel becomes a 2x2 block.
+        let v = [1.0, 2.0, 3.0, 4.0];
+        let up = resize_nearest(&v, 2, 2, 4, 4);
+        #[rustfmt::skip]
+        let want = [1.0, 1.0, 2.0, 2.0,
+                    1.0, 1.0, 2.0, 2.0,
+                    3.0, 3.0, 4.0, 4.0,
+                    3.0, 3.0, 4.0, 4.0];
+        assert_eq!(up, want);
+        // 4x4 -> 2x2 samples the pixel centres 1 and 3 (0-based: indices 1 and 3).
+        let v: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        assert_eq!(resize_nearest(&v, 4, 4, 2, 2), vec![5.0, 7.0, 13.0, 15.0]);
+        // 3 wide -> 2 wide: centres 0.75 and 2.25 -> columns 0 and 2.
+        assert_eq!(resize_nearest(&[1.0, 2.0, 3.0], 1, 3, 1, 2), vec![1.0, 3.0]);
+    }
+}

@@ -205,3 +205,45 @@ pub fn default_train(data: Option<&Path>) -> TrainConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_table_overrides_only_the_named_fields() {
+        let t: toml::Table =
+            toml::from_str("text_mode = \"main_only\"\nsse = { mode = \"clip_only\" }\n").unwrap();
+        let cfg = model_config("tiny", Some(&t)).unwrap();
+        let mut want = TgcConfig::tiny();
+        want.text_mode = tgc_model::TextMode::MainOnly;
+        want.sse.mode = tgc_model::SseMode::ClipOnly;
+        assert_eq!(cfg, want);
+    }
+
+    #[test]
+    fn unknown_and_mistyped_fields_are_errors() {
+        let t: toml::Table = toml::from_str("epoch = 3").unwrap();
+        let e = apply_overrides(&TrainConfig::default(), Some(&t), "train").unwrap_err();
+        assert!(format!("{e:#}").contains("`epoch`"), "{e:#}");
+        let t: toml::Table = toml::from_str("epochs = \"many\"").unwrap();
+        assert!(apply_overrides(&TrainConfig::default(), Some(&t), "train").is_err());
+        let t: toml::Table = toml::from_str("epochs = 3\nmax_steps = 20").unwrap();
+        let tc = apply_overrides(&TrainConfig::default(), Some(&t), "train").unwrap();
+        assert_eq!(
+            tc,
+            TrainConfig {
+                epochs: 3,
+                max_steps: Some(20),
+                ..TrainConfig::default()
+            }
+        );
+    }
+
+    #[test]
+    fn default_recipe_follows_the_dataset_name() {
+        assert_eq!(default_train(Some(Path::new("data/MosMedData+"))).lr, 5e-4);
+        assert_eq!(default_train(Some(Path::new("x/qata-cov19"))).lr, 2e-5);
+        assert_eq!(default_train(None).lr, 2e-3);
+    }
+}
