@@ -276,7 +276,7 @@ impl TgcConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         let v = &self.clip.vision;
-        if self.clip_size % v.patch_size != 0 {
+        if !self.clip_size.is_multiple_of(v.patch_size) {
             return bad(format!(
                 "clip_size {} is not a multiple of the CLIP patch size {}",
                 self.clip_size, v.patch_size

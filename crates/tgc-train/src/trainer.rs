@@ -141,10 +141,10 @@ impl FeatureStore {
         let n = batch.len();
         let mut out: Vec<Option<ImageFeatures>> = vec![None; n];
         let mut missing = vec![];
-        for i in 0..n {
+        for (i, slot) in out.iter_mut().enumerate() {
             let key = (batch.image_hashes[i], batch.variants[i]);
             if let Some(f) = self.images.get(&key) {
-                out[i] = Some(f.clone());
+                *slot = Some(f.clone());
                 continue;
             }
             if let Some(disk) = &self.disk {
@@ -160,7 +160,7 @@ impl FeatureStore {
                             disk.dir().display()
                         )));
                     };
-                    out[i] = Some(ImageFeatures {
+                    *slot = Some(ImageFeatures {
                         patch_tokens: p.unsqueeze(0)?.to_device(model.device())?,
                         dense_embeds: d.unsqueeze(0)?.to_device(model.device())?,
                     });
@@ -174,8 +174,15 @@ impl FeatureStore {
         // resume relies on it).
         for &i in &missing {
             let img = batch.clip_images.narrow(0, i, 1)?;
-            let one = model.towers().encode_images(&img).map_err(model_err)?;
+            let mut one = model.towers().encode_images(&img).map_err(model_err)?;
             if let Some(disk) = &self.disk {
+                // The disk cache stores f16: use the rounded values from the start, so an
+                // epoch that reads the cache sees exactly what the first one computed.
+                let round = |t: &Tensor| t.to_dtype(DType::F16)?.to_dtype(DType::F32);
+                one = ImageFeatures {
+                    patch_tokens: round(&one.patch_tokens)?,
+                    dense_embeds: round(&one.dense_embeds)?,
+                };
                 let k = disk.key_for_image(
                     &batch.image_hashes[i],
                     &self.preprocess_id,
@@ -587,8 +594,15 @@ impl<'a> Trainer<'a> {
             let stopped_early = self.cfg.max_steps.is_some_and(|m| self.opt.steps() >= m)
                 && self.batch_in_epoch < per_epoch;
             if stopped_early {
-                // Mid-epoch stop: keep the position for an exact resume.
+                // Mid-epoch stop: keep the position for an exact resume, and score the
+                // weights reached so the run reports a result (the early-stopping state is
+                // left alone: only whole epochs count for it).
                 self.save(&self.last_checkpoint())?;
+                let (summary, _) = self.validate()?;
+                if summary.dice > self.best {
+                    self.best = summary.dice;
+                    self.save(&self.best_checkpoint())?;
+                }
                 break 'epochs;
             }
             let seconds = start.elapsed().as_secs_f64();

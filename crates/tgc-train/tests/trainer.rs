@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use candle_core::Device;
-use tgc_data::{PhantomKind, Preprocess, Sample, SegDataset, SyntheticPhantoms};
+use tgc_data::{PhantomKind, Preprocess, SegDataset, SyntheticPhantoms};
 use tgc_model::{TgcConfig, TgcNet, WeightSource};
 use tgc_train::{TrainConfig, Trainer};
 
