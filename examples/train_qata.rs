@@ -67,6 +67,10 @@ struct Args {
     /// budget (the rest is left for validation). An estimate, not a hard deadline.
     #[arg(long)]
     minutes: Option<f64>,
+    /// Override the preset's label (output) size, e.g. 224 to score the `tiny` preset at
+    /// QaTa's native resolution.
+    #[arg(long)]
+    label_size: Option<usize>,
     /// Resume from the run's last checkpoint.
     #[arg(long)]
     resume: bool,
@@ -142,6 +146,9 @@ fn run() -> Result<()> {
         .clone()
         .unwrap_or_else(|| repo.join("../shared/data/qata-cov19"));
     let mut cfg = TgcConfig::preset(&args.preset)?;
+    if let Some(s) = args.label_size {
+        cfg.label_size = s;
+    }
     match args.text_tower.as_str() {
         "clip" => {}
         "minilm" => {
