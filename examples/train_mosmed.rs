@@ -38,10 +38,10 @@ struct Args {
     /// pretrained CLIP is reachable offline).
     #[arg(long, default_value = "random")]
     clip_weights: String,
-    /// Epochs (default: 6 on phantoms, 100 with early stopping on real data).
+    /// Epochs (default: 8 on phantoms, 100 with early stopping on real data).
     #[arg(long)]
     epochs: Option<usize>,
-    /// Peak learning rate (default: the paper's 5e-4 for MosMedData+; 2e-3 on phantoms).
+    /// Peak learning rate (default: the paper's 5e-4 for MosMedData+; 3e-3 on phantoms).
     #[arg(long)]
     lr: Option<f64>,
     /// Output folder for checkpoints, metrics, plots and overlays.
@@ -110,8 +110,8 @@ fn main() -> Result<()> {
             let val: Arc<dyn SegDataset> =
                 Arc::new(SyntheticPhantoms::new(PhantomKind::CtSlice, 128, 2, size));
             let tc = TrainConfig {
-                epochs: args.epochs.unwrap_or(6),
-                lr: args.lr.unwrap_or(2e-3),
+                epochs: args.epochs.unwrap_or(8),
+                lr: args.lr.unwrap_or(3e-3),
                 patience: 0,
                 ..TrainConfig::for_dataset("mosmed")
             };
