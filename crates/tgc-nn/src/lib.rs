@@ -230,7 +230,7 @@ pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor>
         .reshape((b, c, out_h, out_w))
 }
 
-/// A `VarBuilder` backend that creates missing variables in a [`VarMap`] with values drawn
+/// A `VarBuilder` backend that creates missing variables in a [`candle_nn::VarMap`] with values drawn
 /// from a generator seeded by `seed` and the variable's name.
 ///
 /// Candle's own `VarMap` initialises from an unseedable thread RNG on CPU; this makes a
