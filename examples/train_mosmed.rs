@@ -116,43 +116,37 @@ fn main() -> Result<()> {
                 ..TrainConfig::for_dataset("mosmed")
             };
             println!("training on synthetic CT phantoms (the caption names the target lesions)");
-            if args.image_only {
-                let mut img_only = cfg;
-                img_only.image_only = true;
-                let base = run(
-                    img_only,
-                    tc,
-                    train,
-                    val,
+            let image_only = |cfg: &TgcConfig| -> Result<f64> {
+                let mut c = cfg.clone();
+                c.image_only = true;
+                let out = args.out.join("image_only");
+                run(
+                    c,
+                    tc.clone(),
+                    train.clone(),
+                    val.clone(),
                     &clip,
-                    &args.out.join("image_only"),
+                    &out,
                     args.resume,
-                )?;
-                println!("held-out Dice image-only: {:.2}", 100.0 * base);
+                )
+            };
+            if args.image_only {
+                println!("held-out Dice image-only: {:.2}", 100.0 * image_only(&cfg)?);
                 return Ok(());
             }
+            let out = args.out.join("text");
             let full = run(
                 cfg.clone(),
                 tc.clone(),
                 train.clone(),
                 val.clone(),
                 &clip,
-                &args.out.join("text"),
+                &out,
                 args.resume,
             )?;
             println!("held-out Dice with text: {:.2}", 100.0 * full);
             if !args.no_baseline {
-                let mut img_only = cfg;
-                img_only.image_only = true;
-                let base = run(
-                    img_only,
-                    tc,
-                    train,
-                    val,
-                    &clip,
-                    &args.out.join("image_only"),
-                    args.resume,
-                )?;
+                let base = image_only(&cfg)?;
                 println!(
                     "held-out Dice: text-guided {:.2} vs image-only {:.2} (+{:.2})",
                     100.0 * full,
