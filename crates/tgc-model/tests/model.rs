@@ -60,42 +60,31 @@ fn check_gradients(cfg: TgcConfig, k: usize) {
     let inp = input(&cfg, 2, k, 3);
     let image = model.towers().encode_images(&inp.clip_images).unwrap();
     let (primary, aux) = model.encode_prompts(&inp.prompts, None).unwrap();
-    let logits = model
-        .forward_features(&image, &inp.cnn_images, &primary, aux.as_ref(), k, true)
-        .unwrap();
-    assert_eq!(
-        logits.dims(),
-        &[2, k, cfg.label_size, cfg.label_size],
-        "{name}"
-    );
-    let target = pseudo(logits.dims(), 11, &Device::Cpu)
+    let target = pseudo(&[2, k, cfg.label_size, cfg.label_size], 11, &Device::Cpu)
         .ge(0.4)
         .unwrap()
         .to_dtype(DType::F32)
         .unwrap();
-    let loss = (logits.clone() - &target)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap();
-    let grads = loss.backward().unwrap();
+    let loss = || {
+        let logits = model
+            .forward_features(&image, &inp.cnn_images, &primary, aux.as_ref(), k, true)
+            .unwrap();
+        assert_eq!(logits.dims(), target.dims(), "{name}");
+        (logits - &target)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+    };
+    let grads = loss().backward().unwrap();
     for (_, v) in model.trainable_vars() {
         if let Some(g) = grads.get(v.as_tensor()) {
             v.set(&(v.as_tensor() - (g * 0.05).unwrap()).unwrap())
                 .unwrap();
         }
     }
-    let logits = model
-        .forward_features(&image, &inp.cnn_images, &primary, aux.as_ref(), k, true)
-        .unwrap();
-    let loss = (logits - &target)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap();
-    let grads = loss.backward().unwrap();
+    let grads = loss().backward().unwrap();
     for (n, v) in model.trainable_vars() {
         let g = grads
             .get(v.as_tensor())
