@@ -81,7 +81,8 @@ fn run(
         cnn_size: cfg.cnn_size,
         label_size: cfg.label_size,
     };
-    let model = TgcNet::load(cfg, clip, &candle_core::Device::Cpu).context("building the model")?;
+    let model = TgcNet::load(cfg, clip, &candle_core::Device::cuda_if_available(0)?)
+        .context("building the model")?;
     let counts = model.param_counts();
     println!(
         "trainable parameters: {} ({:?}); frozen CLIP: {}",

@@ -177,7 +177,7 @@ fn run() -> Result<()> {
         let probe = TgcNet::load(
             cfg.clone(),
             &weights(&args.clip_weights),
-            &candle_core::Device::Cpu,
+            &candle_core::Device::cuda_if_available(0)?,
         )
         .context("building the probe model")?;
         let tc = TrainConfig {
@@ -203,8 +203,12 @@ fn run() -> Result<()> {
         println!("probe: {per_step:.2} s/step -> max_steps {budget} for {minutes} min");
         max_steps = Some(max_steps.map_or(budget, |m| m.min(budget)));
     }
-    let model = TgcNet::load(cfg, &weights(&args.clip_weights), &candle_core::Device::Cpu)
-        .context("building the model")?;
+    let model = TgcNet::load(
+        cfg,
+        &weights(&args.clip_weights),
+        &candle_core::Device::cuda_if_available(0)?,
+    )
+    .context("building the model")?;
     let counts = model.param_counts();
     println!(
         "trainable parameters: {} ({:?}); frozen: {}",
