@@ -136,6 +136,9 @@ fn footprint<T: Real>(x: T, y: T, h: usize, w: usize) -> Footprint<T> {
 /// are in flight together (the kernel is bound by the latency of scattered value reads).
 const CHUNK: usize = 32;
 
+/// How many queries ahead the backward pass prefetches its strided per-query data.
+const PREFETCH_AHEAD: usize = 4;
+
 /// Hints the CPU to fetch the `bytes` starting at `p` into cache.
 #[inline(always)]
 fn prefetch<T>(p: *const T, bytes: usize) {
@@ -199,8 +202,9 @@ impl<T: Real> Corners<T> {
         let row = g.heads * g.head_dim;
         let bytes = g.head_dim * std::mem::size_of::<T>();
         self.len = 0;
+        // Level and point of sample j, advanced without a division per sample.
+        let (mut l, mut p) = (j0 / g.points, j0 % g.points);
         for j in j0..j1 {
-            let l = j / g.points;
             let (h, w) = g.shapes[l];
             let idx = base_w + j;
             let fp = footprint(loc[2 * idx], loc[2 * idx + 1], h, w);
@@ -216,37 +220,77 @@ impl<T: Real> Corners<T> {
                 self.sample[c] = (j - j0) as u8;
                 self.len += 1;
             }
+            p += 1;
+            if p == g.points {
+                p = 0;
+                l += 1;
+            }
         }
     }
 }
 
 /// Forward pass: `out[n, q, m, :] = sum_{l, p} a[n, q, m, l, p] * bilinear(value_l[n, :, m, :], loc)`.
+///
+/// Parallel over `(batch, query)` rows; within a row the corners of the next head are
+/// gathered (and their value rows prefetched) before the current head is summed, so
+/// that the scattered loads overlap the arithmetic.
 pub(crate) fn forward<T: Real>(g: &Geometry, value: &[T], loc: &[T], attn: &[T], out: &mut [T]) {
-    let (m_heads, dh, lq) = (g.heads, g.head_dim, g.queries);
+    match g.head_dim {
+        8 => forward_dh::<T, 8>(g, value, loc, attn, out),
+        16 => forward_dh::<T, 16>(g, value, loc, attn, out),
+        32 => forward_dh::<T, 32>(g, value, loc, attn, out),
+        64 => forward_dh::<T, 64>(g, value, loc, attn, out),
+        _ => forward_dh::<T, 0>(g, value, loc, attn, out),
+    }
+}
+
+/// [`forward`] for head dim `D` known at compile time (`D = 0`: read from `g`), so that
+/// the channel loops unroll and the accumulators stay in registers.
+fn forward_dh<T: Real, const D: usize>(
+    g: &Geometry,
+    value: &[T],
+    loc: &[T],
+    attn: &[T],
+    out: &mut [T],
+) {
+    let dh = if D == 0 { g.head_dim } else { D };
+    let (m_heads, lq) = (g.heads, g.queries);
     let samples = g.levels() * g.points;
     let row = m_heads * dh;
+    let chunks = samples.div_ceil(CHUNK);
     out.par_chunks_mut(row)
         .with_min_len(8)
         .enumerate()
         .for_each_init(
-            || Box::new(Corners::<T>::new()),
-            |cs, (nq, out_row)| {
+            || (Box::new(Corners::<T>::new()), Box::new(Corners::<T>::new())),
+            |(cur, next), (nq, out_row)| {
                 let n = nq / lq;
-                for m in 0..m_heads {
+                out_row.fill(T::ZERO);
+                // Units of work: (head, chunk of samples).
+                let unit = |u: usize| {
+                    let (m, c) = (u / chunks, u % chunks);
+                    let j0 = c * CHUNK;
+                    (m, j0, (j0 + CHUNK).min(samples))
+                };
+                let units = m_heads * chunks;
+                let (m, j0, j1) = unit(0);
+                cur.gather(g, value, loc, n, m, (nq * m_heads + m) * samples, j0, j1);
+                for u in 0..units {
+                    if u + 1 < units {
+                        let (m, j0, j1) = unit(u + 1);
+                        next.gather(g, value, loc, n, m, (nq * m_heads + m) * samples, j0, j1);
+                    }
+                    let (m, j0, _) = unit(u);
+                    let base_w = (nq * m_heads + m) * samples + j0;
                     let o = &mut out_row[m * dh..(m + 1) * dh];
-                    o.fill(T::ZERO);
-                    let base_w = (nq * m_heads + m) * samples;
-                    for j0 in (0..samples).step_by(CHUNK) {
-                        let j1 = (j0 + CHUNK).min(samples);
-                        cs.gather(g, value, loc, n, m, base_w, j0, j1);
-                        for c in 0..cs.len {
-                            let coef = attn[base_w + j0 + cs.sample[c] as usize] * cs.wgt[c];
-                            let v = &value[cs.off[c]..cs.off[c] + dh];
-                            for (oc, &vc) in o.iter_mut().zip(v) {
-                                *oc += coef * vc;
-                            }
+                    for c in 0..cur.len {
+                        let coef = attn[base_w + cur.sample[c] as usize] * cur.wgt[c];
+                        let v = &value[cur.off[c]..cur.off[c] + dh];
+                        for (oc, &vc) in o.iter_mut().zip(v) {
+                            *oc += coef * vc;
                         }
                     }
+                    std::mem::swap(cur, next);
                 }
             },
         );
@@ -255,7 +299,12 @@ pub(crate) fn forward<T: Real>(g: &Geometry, value: &[T], loc: &[T], attn: &[T],
 /// Returns `sum(go * v)` and does `gv += coef * go`, with eight partial sums so that the
 /// reduction vectorises (a single accumulator forces a scalar loop).
 #[inline(always)]
-fn dot_axpy<T: Real>(gv: &mut [T], v: &[T], go: &[T], coef: T) -> T {
+fn dot_axpy<T: Real, const D: usize>(gv: &mut [T], v: &[T], go: &[T], coef: T) -> T {
+    let (gv, v, go) = if D == 0 {
+        (gv, v, go)
+    } else {
+        (&mut gv[..D], &v[..D], &go[..D])
+    };
     let mut acc = [T::ZERO; 8];
     let n8 = v.len() / 8 * 8;
     for ((gvc, vc), goc) in gv[..n8]
@@ -283,7 +332,9 @@ struct SharedMut<T>(*mut T);
 unsafe impl<T> Send for SharedMut<T> {}
 unsafe impl<T> Sync for SharedMut<T> {}
 
-/// Backward pass. Writes (overwrites) the gradients of value, locations and weights.
+/// Backward pass. Accumulates the value gradient into `grad_value`, which must be zero
+/// on entry (the op hands over freshly zeroed memory), and overwrites the gradients of
+/// the locations and weights.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward<T: Real>(
     g: &Geometry,
@@ -295,65 +346,121 @@ pub(crate) fn backward<T: Real>(
     grad_loc: &mut [T],
     grad_attn: &mut [T],
 ) {
-    let (m_heads, dh, lq) = (g.heads, g.head_dim, g.queries);
-    let samples = g.levels() * g.points;
-    let row = m_heads * dh;
+    let m_heads = g.heads;
     assert_eq!(grad_value.len(), value.len());
     assert_eq!(grad_loc.len(), loc.len());
     assert_eq!(grad_attn.len(), attn.len());
-    grad_value.fill(T::ZERO);
     let gv = SharedMut(grad_value.as_mut_ptr());
     let gl = SharedMut(grad_loc.as_mut_ptr());
     let ga = SharedMut(grad_attn.as_mut_ptr());
-    (0..g.batch * m_heads).into_par_iter().for_each(|nm| {
-        let (gv, gl, ga) = (gv, gl, ga);
-        let n = nm / m_heads;
-        let m = nm % m_heads;
-        let mut cs = Box::new(Corners::<T>::new());
-        let mut acc = [(T::ZERO, T::ZERO, T::ZERO); CHUNK];
-        for q in 0..lq {
-            let nq = n * lq + q;
-            let go = &grad_out[nq * row + m * dh..][..dh];
-            let base_w = (nq * m_heads + m) * samples;
-            for j0 in (0..samples).step_by(CHUNK) {
-                let j1 = (j0 + CHUNK).min(samples);
-                cs.gather(g, value, loc, n, m, base_w, j0, j1);
-                for &off in &cs.off[..cs.len] {
-                    prefetch(
-                        gv.0.wrapping_add(off) as *const T,
-                        dh * std::mem::size_of::<T>(),
-                    );
-                }
-                acc[..j1 - j0].fill((T::ZERO, T::ZERO, T::ZERO));
-                for c in 0..cs.len {
-                    let off = cs.off[c];
-                    let s = cs.sample[c] as usize;
-                    let a = attn[base_w + j0 + s];
-                    let v = &value[off..off + dh];
-                    let coef = a * cs.wgt[c];
-                    // SAFETY: [off, off + dh) is head `m` of image `n`, which only this
-                    // task touches; in bounds since `v` is (same length as grad_value).
-                    let gvs = unsafe { std::slice::from_raw_parts_mut(gv.0.add(off), dh) };
-                    let dot = dot_axpy(gvs, v, go, coef);
-                    let e = &mut acc[s];
-                    e.0 += cs.wgt[c] * dot;
-                    e.1 += cs.dw[c] * dot;
-                    e.2 += cs.dh[c] * dot;
-                }
-                for (s, &(g_a, g_w, g_h)) in acc[..j1 - j0].iter().enumerate() {
-                    let idx = base_w + j0 + s;
-                    let l = (j0 + s) / g.points;
-                    let (h, w) = g.shapes[l];
-                    let a = attn[idx];
-                    // SAFETY: `idx` indexes (n, q, m, l, p), owned by this task; in bounds
-                    // as `attn[idx]` was just read from a same-length slice.
-                    unsafe {
-                        *ga.0.add(idx) = g_a;
-                        *gl.0.add(2 * idx) = a * g_w * T::from_usize(w);
-                        *gl.0.add(2 * idx + 1) = a * g_h * T::from_usize(h);
-                    }
-                }
+    (0..g.batch * m_heads)
+        .into_par_iter()
+        .for_each(|nm| match g.head_dim {
+            8 => backward_head::<T, 8>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
+            16 => backward_head::<T, 16>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
+            32 => backward_head::<T, 32>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
+            64 => backward_head::<T, 64>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
+            _ => backward_head::<T, 0>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
+        });
+}
+
+/// The backward pass of head `nm % heads` of image `nm / heads`: all its queries.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+fn backward_head<T: Real, const D: usize>(
+    g: &Geometry,
+    value: &[T],
+    loc: &[T],
+    attn: &[T],
+    grad_out: &[T],
+    gv: SharedMut<T>,
+    gl: SharedMut<T>,
+    ga: SharedMut<T>,
+    nm: usize,
+) {
+    let dh = if D == 0 { g.head_dim } else { D };
+    let (m_heads, lq) = (g.heads, g.queries);
+    let samples = g.levels() * g.points;
+    let row = m_heads * dh;
+    let n = nm / m_heads;
+    let m = nm % m_heads;
+    let mut cur = Box::new(Corners::<T>::new());
+    let mut next = Box::new(Corners::<T>::new());
+    let mut acc = [(T::ZERO, T::ZERO, T::ZERO); CHUNK];
+    let t = std::mem::size_of::<T>();
+    // Units of work: (query, chunk of samples); the corners of the next unit are
+    // gathered and prefetched before the current one is processed.
+    let chunks = samples.div_ceil(CHUNK);
+    let units = lq * chunks;
+    let unit = |u: usize| {
+        let (q, c) = (u / chunks, u % chunks);
+        let j0 = c * CHUNK;
+        (n * lq + q, j0, (j0 + CHUNK).min(samples))
+    };
+    let gather = |cs: &mut Corners<T>, u: usize| {
+        let (nq, j0, j1) = unit(u);
+        cs.gather(g, value, loc, n, m, (nq * m_heads + m) * samples, j0, j1);
+        for &off in &cs.off[..cs.len] {
+            prefetch(gv.0.wrapping_add(off) as *const T, dh * t);
+        }
+    };
+    gather(&mut cur, 0);
+    for u in 0..units {
+        let (nq, j0, j1) = unit(u);
+        let q = nq - n * lq;
+        let base_w = (nq * m_heads + m) * samples;
+        // The per-query inputs and outputs of one head are strided by all heads' data:
+        // fetch those of a later query now, the hardware prefetcher does not.
+        if j0 == 0 && q + PREFETCH_AHEAD < lq {
+            let wa = base_w + PREFETCH_AHEAD * m_heads * samples;
+            prefetch(loc[2 * wa..].as_ptr(), 2 * samples * t);
+            prefetch(attn[wa..].as_ptr(), samples * t);
+            prefetch(
+                grad_out[(nq + PREFETCH_AHEAD) * row + m * dh..].as_ptr(),
+                dh * t,
+            );
+            prefetch(gl.0.wrapping_add(2 * wa) as *const T, 2 * samples * t);
+            prefetch(ga.0.wrapping_add(wa) as *const T, samples * t);
+        }
+        if u + 1 < units {
+            gather(&mut next, u + 1);
+        }
+        let cs = &*cur;
+        let go = &grad_out[nq * row + m * dh..][..dh];
+        acc[..j1 - j0].fill((T::ZERO, T::ZERO, T::ZERO));
+        for c in 0..cs.len {
+            let off = cs.off[c];
+            let s = cs.sample[c] as usize;
+            let a = attn[base_w + j0 + s];
+            let v = &value[off..off + dh];
+            let coef = a * cs.wgt[c];
+            // SAFETY: [off, off + dh) is head `m` of image `n`, which only this
+            // task touches; in bounds since `v` is (same length as grad_value).
+            let gvs = unsafe { std::slice::from_raw_parts_mut(gv.0.add(off), dh) };
+            let dot = dot_axpy::<T, D>(gvs, v, go, coef);
+            let e = &mut acc[s];
+            e.0 += cs.wgt[c] * dot;
+            e.1 += cs.dw[c] * dot;
+            e.2 += cs.dh[c] * dot;
+        }
+        let (mut l, mut p) = (j0 / g.points, j0 % g.points);
+        for (s, &(g_a, g_w, g_h)) in acc[..j1 - j0].iter().enumerate() {
+            let idx = base_w + j0 + s;
+            let (h, w) = g.shapes[l];
+            p += 1;
+            if p == g.points {
+                p = 0;
+                l += 1;
+            }
+            let a = attn[idx];
+            // SAFETY: `idx` indexes (n, q, m, l, p), owned by this task; in bounds
+            // as `attn[idx]` was just read from a same-length slice.
+            unsafe {
+                *ga.0.add(idx) = g_a;
+                *gl.0.add(2 * idx) = a * g_w * T::from_usize(w);
+                *gl.0.add(2 * idx + 1) = a * g_h * T::from_usize(h);
             }
         }
-    });
+        std::mem::swap(&mut cur, &mut next);
+    }
 }

@@ -27,6 +27,10 @@ fn specs() -> Vec<Spec> {
         (2, vec![(3, 3)], 2, 2, 5, 1, (-2.0, 3.0)),
         // L x P = 33 samples: more than the kernel's 32-sample gather chunk.
         (1, vec![(5, 6), (3, 3), (2, 2)], 2, 4, 6, 11, (-0.1, 1.1)),
+        // Head dims the kernels specialise at compile time (8 is above).
+        (2, vec![(5, 7), (3, 4)], 2, 16, 6, 2, (-0.3, 1.3)),
+        (1, vec![(4, 4), (2, 2), (1, 1)], 3, 32, 5, 4, (-0.1, 1.1)),
+        (1, vec![(3, 5)], 1, 64, 4, 2, (0.0, 1.0)),
     ]
 }
 
@@ -109,6 +113,7 @@ fn fused_gradients_match_finite_differences_f64() {
         (2, vec![(4, 5), (2, 3), (1, 2)], 2, 3, 4, 2, (-0.2, 1.2)),
         (1, vec![(3, 3)], 1, 2, 3, 1, (-0.4, 1.4)),
         (1, vec![(2, 5), (3, 1)], 3, 2, 5, 3, (0.0, 1.0)),
+        (1, vec![(3, 4), (2, 2)], 2, 16, 3, 2, (-0.2, 1.2)),
     ];
     for (n, shapes, m, dh, lq, p, (lo, hi)) in small {
         let c = case(&mut rng, n, &shapes, m, dh, lq, p, lo, hi, DType::F64);
