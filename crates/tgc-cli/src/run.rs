@@ -28,6 +28,7 @@ pub const PHANTOM_VAL: usize = 128;
 /// [model]                      # any TgcConfig field, merged into the preset
 /// text_mode = "main_only"
 /// sse = { mode = "clip_only" }
+/// clip_finetune = "query_value" # frozen (default) | query_value | full
 /// [train]                      # any TrainConfig field
 /// epochs = 10
 /// lr = 2e-5
@@ -219,6 +220,30 @@ mod tests {
         want.text_mode = tgc_model::TextMode::MainOnly;
         want.sse.mode = tgc_model::SseMode::ClipOnly;
         assert_eq!(cfg, want);
+    }
+
+    #[test]
+    fn clip_finetune_is_a_model_setting_and_round_trips() {
+        let t: toml::Table =
+            toml::from_str("clip_finetune = \"query_value\"\nsse = { mode = \"clip_only\" }\n")
+                .unwrap();
+        let cfg = model_config("tiny", Some(&t)).unwrap();
+        let want = TgcConfig::tiny()
+            .with_clip_finetune(tgc_model::ClipFinetune::QueryValue)
+            .with_sse_mode(tgc_model::SseMode::ClipOnly);
+        assert_eq!(cfg, want);
+        // As written to run.json and checkpoint metadata, and as TOML.
+        let back: TgcConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+        let back: TgcConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+        let t: toml::Table = toml::from_str("clip_finetune = \"qv\"").unwrap();
+        assert!(model_config("tiny", Some(&t)).is_err());
+        // Fine-tuning CLIP with the CNN-only encoder is rejected by validation.
+        let t: toml::Table =
+            toml::from_str("clip_finetune = \"full\"\nsse = { mode = \"cnn_only\" }\n").unwrap();
+        let e = model_config("tiny", Some(&t)).unwrap_err();
+        assert!(format!("{e:#}").contains("clip_finetune"), "{e:#}");
     }
 
     #[test]

@@ -2,13 +2,36 @@
 //!
 //! Weight names follow Hugging Face transformers' `CLIPEncoder`
 //! (`layers.N.self_attn.{q,k,v,out}_proj`, `layers.N.layer_norm{1,2}`,
-//! `layers.N.mlp.fc{1,2}`). The towers are frozen, so the fast fused candle
-//! kernels (`candle_nn::LayerNorm`, `softmax_last_dim`) are used here on
-//! purpose: no gradient ever flows through this encoder.
+//! `layers.N.mlp.fc{1,2}`).
+//!
+//! Two [`TowerMode`]s:
+//! - [`TowerMode::Frozen`] (the default, and what [`Encoder::new`] builds): the fast
+//!   fused candle kernels (`candle_nn::LayerNorm`, `softmax_last_dim`), q/k/v fused
+//!   into one matmul and every weight transposed once at load time. Those kernels
+//!   have no backward pass, so no gradient flows through a frozen encoder.
+//! - [`TowerMode::Trainable`]: the gradient-correct `tgc_nn::LayerNorm` and
+//!   `tgc_nn::softmax_last_dim`, and the weights used as given on every call (no
+//!   copies made at load time), so that `Var`s among them receive gradients and
+//!   in-place optimiser updates take effect on the next forward. Same numerics up to
+//!   float rounding.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 use serde::{Deserialize, Serialize};
+
+/// How a tower computes: frozen (fused kernels, no backward) or trainable
+/// (differentiable kernels, weights used live). See the [module docs](self).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TowerMode {
+    /// Fused candle LayerNorm / softmax, weights pre-transposed and q/k/v pre-fused:
+    /// fastest, but gradients silently stop here.
+    #[default]
+    Frozen,
+    /// Gradient-correct tgc-nn LayerNorm / softmax, weights read on every forward:
+    /// gradients reach every `Var` the tower was built from.
+    Trainable,
+}
 
 /// The MLP non-linearity of a CLIP tower.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -64,46 +87,72 @@ impl Default for EncoderConfig {
 
 /// A bias-carrying linear layer that runs as one 2-D matmul over all tokens.
 #[derive(Debug, Clone)]
-pub(crate) struct Dense {
-    weight_t: Tensor,
-    bias: Option<Tensor>,
+pub(crate) enum Dense {
+    /// Frozen: the weight stored transposed and contiguous once (in x out), so every
+    /// forward is a plain gemm.
+    Fused {
+        weight_t: Tensor,
+        bias: Option<Tensor>,
+    },
+    /// Trainable: the weight as given (out x in), transposed as a view on every call,
+    /// so gradients reach it and in-place updates are seen.
+    Live {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
 }
 
 impl Dense {
     /// `weight`: out x in, `bias`: out.
-    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        // Stored transposed and contiguous once, so every forward is a plain gemm.
-        Ok(Self {
-            weight_t: weight.t()?.contiguous()?,
-            bias,
+    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>, mode: TowerMode) -> Result<Self> {
+        Ok(match mode {
+            TowerMode::Frozen => Self::Fused {
+                weight_t: weight.t()?.contiguous()?,
+                bias,
+            },
+            TowerMode::Trainable => Self::Live { weight, bias },
         })
     }
 
-    pub(crate) fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+    pub(crate) fn load(
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        mode: TowerMode,
+    ) -> Result<Self> {
         let w = vb.get((out_dim, in_dim), "weight")?;
         let b = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
             None
         };
-        Self::new(w, b)
+        Self::new(w, b, mode)
     }
 
     /// `x`: ... x in -> ... x out.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let in_dim = dims[dims.len() - 1];
-        let rows = x.elem_count() / in_dim.max(1);
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight_t)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out = dims;
-        let last = out.len() - 1;
-        out[last] = self.weight_t.dim(1)?;
-        y.reshape(out)
+        match self {
+            Dense::Fused { weight_t, bias } => linear_rows(x, weight_t, bias.as_ref()),
+            Dense::Live { weight, bias } => linear_rows(x, &weight.t()?, bias.as_ref()),
+        }
     }
+}
+
+/// `x`: ... x in, `weight_t`: in x out (any strides), `bias`: out -> ... x out.
+fn linear_rows(x: &Tensor, weight_t: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let in_dim = dims[dims.len() - 1];
+    let rows = x.elem_count() / in_dim.max(1);
+    let y = x.reshape((rows, in_dim))?.matmul(weight_t)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = dims;
+    let last = out.len() - 1;
+    out[last] = weight_t.dim(1)?;
+    y.reshape(out)
 }
 
 pub(crate) fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
@@ -112,24 +161,84 @@ pub(crate) fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNo
     Ok(LayerNorm::new(w, b, eps))
 }
 
+/// A LayerNorm of either [`TowerMode`].
+#[derive(Debug, Clone)]
+pub(crate) enum Norm {
+    /// candle's fused kernel (no backward).
+    Fused(LayerNorm),
+    /// tgc-nn's differentiable composite.
+    Grad(tgc_nn::LayerNorm),
+}
+
+impl Norm {
+    pub(crate) fn load(dim: usize, eps: f64, vb: VarBuilder, mode: TowerMode) -> Result<Self> {
+        let w = vb.get(dim, "weight")?;
+        let b = vb.get(dim, "bias")?;
+        Ok(match mode {
+            TowerMode::Frozen => Norm::Fused(LayerNorm::new(w, b, eps)),
+            TowerMode::Trainable => Norm::Grad(tgc_nn::LayerNorm::new(w, b, eps)),
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Fused(n) => n.forward(x),
+            Norm::Grad(n) => n.forward(x),
+        }
+    }
+}
+
+/// The q, k and v projections of one attention block.
+#[derive(Debug, Clone)]
+enum QkvProj {
+    /// Frozen: fused into one 3D x D matmul at load time.
+    Fused(Dense),
+    /// Trainable: the separate weights (D x D each) and biases, concatenated on every
+    /// call (the concatenation is differentiable; the matmul stays one gemm).
+    Live {
+        weights: [Tensor; 3],
+        biases: [Tensor; 3],
+    },
+}
+
+impl QkvProj {
+    /// `x`: ... x D -> ... x 3D (q, k, v along the last axis).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            QkvProj::Fused(d) => d.forward(x),
+            QkvProj::Live { weights, biases } => {
+                let w = Tensor::cat(weights, 0)?;
+                let b = Tensor::cat(biases, 0)?;
+                linear_rows(x, &w.t()?, Some(&b))
+            }
+        }
+    }
+}
+
 /// One pre-norm residual block: `x + Attn(LN1(x))`, then `x + MLP(LN2(x))`.
 #[derive(Debug, Clone)]
 pub struct EncoderLayer {
-    layer_norm1: LayerNorm,
-    /// q, k and v projections fused into one 3D x D matmul (loaded from the
-    /// separate `q_proj`/`k_proj`/`v_proj` tensors).
-    qkv: Dense,
+    layer_norm1: Norm,
+    /// q, k and v projections (loaded from the separate `q_proj`/`k_proj`/`v_proj`
+    /// tensors), run as one 3D x D matmul.
+    qkv: QkvProj,
     out_proj: Dense,
-    layer_norm2: LayerNorm,
+    layer_norm2: Norm,
     fc1: Dense,
     fc2: Dense,
     heads: usize,
     activation: Activation,
+    mode: TowerMode,
 }
 
 impl EncoderLayer {
-    /// Loads one block from `vb` (prefix `...layers.N`).
+    /// Loads one frozen block from `vb` (prefix `...layers.N`).
     pub fn new(cfg: &EncoderConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_with_mode(cfg, vb, TowerMode::Frozen)
+    }
+
+    /// Loads one block from `vb` (prefix `...layers.N`) in the given [`TowerMode`].
+    pub fn new_with_mode(cfg: &EncoderConfig, vb: VarBuilder, mode: TowerMode) -> Result<Self> {
         let d = cfg.width;
         if cfg.heads == 0 || !d.is_multiple_of(cfg.heads) {
             candle_core::bail!("width {d} is not divisible by heads {}", cfg.heads)
@@ -141,17 +250,34 @@ impl EncoderLayer {
             ws.push(att.pp(p).get((d, d), "weight")?);
             bs.push(att.pp(p).get(d, "bias")?);
         }
-        let qkv = Dense::new(Tensor::cat(&ws, 0)?, Some(Tensor::cat(&bs, 0)?))?;
+        let qkv = match mode {
+            TowerMode::Frozen => QkvProj::Fused(Dense::new(
+                Tensor::cat(&ws, 0)?,
+                Some(Tensor::cat(&bs, 0)?),
+                mode,
+            )?),
+            TowerMode::Trainable => QkvProj::Live {
+                weights: [ws[0].clone(), ws[1].clone(), ws[2].clone()],
+                biases: [bs[0].clone(), bs[1].clone(), bs[2].clone()],
+            },
+        };
+        let eps = cfg.layer_norm_eps;
         Ok(Self {
-            layer_norm1: layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            layer_norm1: Norm::load(d, eps, vb.pp("layer_norm1"), mode)?,
             qkv,
-            out_proj: Dense::load(att.pp("out_proj"), d, d, true)?,
-            layer_norm2: layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: Dense::load(vb.pp("mlp").pp("fc1"), d, cfg.mlp_dim, true)?,
-            fc2: Dense::load(vb.pp("mlp").pp("fc2"), cfg.mlp_dim, d, true)?,
+            out_proj: Dense::load(att.pp("out_proj"), d, d, true, mode)?,
+            layer_norm2: Norm::load(d, eps, vb.pp("layer_norm2"), mode)?,
+            fc1: Dense::load(vb.pp("mlp").pp("fc1"), d, cfg.mlp_dim, true, mode)?,
+            fc2: Dense::load(vb.pp("mlp").pp("fc2"), cfg.mlp_dim, d, true, mode)?,
             heads: cfg.heads,
             activation: cfg.activation,
+            mode,
         })
+    }
+
+    /// The mode this block was built in.
+    pub fn mode(&self) -> TowerMode {
+        self.mode
     }
 
     /// `x`: B x L x D; `bias`: optional additive attention bias broadcastable to
@@ -175,7 +301,10 @@ impl EncoderLayer {
             Some(m) => att.broadcast_add(m)?,
             None => att,
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let att = match self.mode {
+            TowerMode::Frozen => candle_nn::ops::softmax_last_dim(&att)?,
+            TowerMode::Trainable => tgc_nn::softmax_last_dim(&att)?,
+        };
         let o = att
             .matmul(&v)?
             .transpose(1, 2)?
@@ -197,11 +326,17 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    /// Loads `cfg.layers` blocks from `vb` (prefix `...encoder`).
+    /// Loads `cfg.layers` frozen blocks from `vb` (prefix `...encoder`).
     pub fn new(cfg: &EncoderConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_with_mode(cfg, vb, TowerMode::Frozen)
+    }
+
+    /// Loads `cfg.layers` blocks from `vb` (prefix `...encoder`) in the given
+    /// [`TowerMode`].
+    pub fn new_with_mode(cfg: &EncoderConfig, vb: VarBuilder, mode: TowerMode) -> Result<Self> {
         let vl = vb.pp("layers");
         let layers = (0..cfg.layers)
-            .map(|i| EncoderLayer::new(cfg, vl.pp(i)))
+            .map(|i| EncoderLayer::new_with_mode(cfg, vl.pp(i), mode))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { layers })
     }

@@ -17,8 +17,13 @@
 //! * [`preprocess`], [`similarity_map`] (the zero-shot map of the paper's
 //!   Fig. 1a) and [`write_heatmap_png`].
 //!
-//! Weights are plain tensors (never `Var`s): nothing here is trainable, so the
-//! fast fused candle kernels are used.
+//! [`ClipModel`] holds plain tensors (never `Var`s) and runs the fast fused candle
+//! kernels, which have no backward pass: nothing in it is trainable. For fine-tuning
+//! (the paper's Table 4 "ViT q,v / full fine-tune" rows) build a
+//! [`VisionTransformer`] with [`TowerMode::Trainable`] from a `VarBuilder` that hands
+//! out `Var`s ([`WeightSource::var_builder`] gives the pretrained tensors to start
+//! from): it swaps in tgc-nn's gradient-correct LayerNorm and softmax and reads its
+//! weights live, with the same outputs as the frozen tower.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -62,7 +67,7 @@ pub mod vision;
 pub mod viz;
 pub mod weights;
 
-pub use encoder::Activation;
+pub use encoder::{Activation, TowerMode};
 pub use model::{ClipConfig, ClipModel};
 pub use text::{TextConfig, TextOutput, TextTransformer};
 pub use tokenizer::{ClipTokenizer, Padding, BOS_ID, CONTEXT_LENGTH, EOS_ID};

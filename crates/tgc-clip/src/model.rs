@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::encoder::Activation;
 use crate::text::{TextConfig, TextOutput, TextTransformer};
 use crate::vision::{VisionConfig, VisionOutput, VisionTransformer};
-use crate::weights::{random_tensors, WeightSource, WeightStore};
+use crate::weights::WeightSource;
 use crate::Result;
 
 /// Configuration of a CLIP model: both towers and the joint embedding width.
@@ -179,21 +179,7 @@ impl ClipModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        match source {
-            WeightSource::Random { seed } => {
-                let ts = random_tensors(cfg, *seed)?;
-                Self::new(cfg, VarBuilder::from_tensors(ts, dtype, device))
-            }
-            _ => {
-                let files = source.resolve()?;
-                let store = WeightStore::open(&files)?;
-                store.check(cfg)?;
-                Self::new(
-                    cfg,
-                    VarBuilder::from_backend(Box::new(store), dtype, device.clone()),
-                )
-            }
-        }
+        Self::new(cfg, source.var_builder(cfg, dtype, device)?)
     }
 
     /// The configuration.

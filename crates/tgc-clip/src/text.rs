@@ -5,7 +5,7 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::encoder::{layer_norm, Activation, Dense, Encoder, EncoderConfig, NEG_INF};
+use crate::encoder::{layer_norm, Activation, Dense, Encoder, EncoderConfig, TowerMode, NEG_INF};
 use crate::{Error, Result};
 
 /// Geometry of the text tower (Hugging Face `text_config`).
@@ -101,7 +101,13 @@ impl TextTransformer {
                 .get((cfg.context_length, d), "weight")?,
             encoder: Encoder::new(&cfg.encoder(), tm.pp("encoder"))?,
             final_layer_norm: layer_norm(d, cfg.layer_norm_eps, tm.pp("final_layer_norm"))?,
-            projection: Dense::load(vb.pp("text_projection"), d, embed_dim, false)?,
+            projection: Dense::load(
+                vb.pp("text_projection"),
+                d,
+                embed_dim,
+                false,
+                TowerMode::Frozen,
+            )?,
         })
     }
 

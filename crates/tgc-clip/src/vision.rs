@@ -2,11 +2,11 @@
 //! resampled for other image sizes), pre-LN, encoder, post-LN and visual
 //! projection applied to every token.
 
-use candle_core::{IndexOp, Module, Tensor};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_core::{IndexOp, Tensor};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::encoder::{layer_norm, Activation, Dense, Encoder, EncoderConfig};
+use crate::encoder::{Activation, Dense, Encoder, EncoderConfig, Norm, TowerMode};
 use crate::interp::resize_bicubic_hwd;
 use crate::{Error, Result};
 
@@ -89,7 +89,14 @@ pub struct VisionOutput {
     pub hidden_states: Option<Vec<Tensor>>,
 }
 
-/// The frozen CLIP vision transformer (Hugging Face `vision_model` + `visual_projection`).
+/// The CLIP vision transformer (Hugging Face `vision_model` + `visual_projection`),
+/// frozen ([`VisionTransformer::new`]) or trainable
+/// ([`VisionTransformer::new_with_mode`] with [`TowerMode::Trainable`]).
+///
+/// A trainable tower computes exactly what the frozen one does (up to float rounding)
+/// with differentiable LayerNorm and softmax kernels; build it from a `VarBuilder`
+/// that hands out `Var`s for the parameters to fine-tune (and plain tensors for the
+/// rest) and the gradients reach them.
 #[derive(Debug, Clone)]
 pub struct VisionTransformer {
     cfg: VisionConfig,
@@ -98,36 +105,57 @@ pub struct VisionTransformer {
     class_embedding: Tensor,
     /// Native position embeddings: (1 + S*S) x D_v.
     position_embedding: Tensor,
-    pre_layrnorm: LayerNorm,
+    pre_layrnorm: Norm,
     encoder: Encoder,
-    post_layernorm: LayerNorm,
+    post_layernorm: Norm,
     projection: Dense,
+    mode: TowerMode,
 }
 
 impl VisionTransformer {
-    /// Loads the tower. `vb` is the model root; tensors are read from
+    /// Loads the frozen tower. `vb` is the model root; tensors are read from
     /// `vision_model.*` and `visual_projection.weight` (E x D_v).
     pub fn new(cfg: &VisionConfig, embed_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Self::new_with_mode(cfg, embed_dim, vb, TowerMode::Frozen)
+    }
+
+    /// Loads the tower in the given [`TowerMode`]; names as in [`VisionTransformer::new`].
+    /// In [`TowerMode::Trainable`] the tensors `vb` returns are used as they are (no
+    /// copies), so `Var`s among them receive gradients and see optimiser updates.
+    pub fn new_with_mode(
+        cfg: &VisionConfig,
+        embed_dim: usize,
+        vb: VarBuilder,
+        mode: TowerMode,
+    ) -> Result<Self> {
         let vm = vb.pp("vision_model");
         let emb = vm.pp("embeddings");
         let (d, p, c) = (cfg.width, cfg.patch_size, cfg.num_channels);
         let n_pos = cfg.grid() * cfg.grid() + 1;
+        let eps = cfg.layer_norm_eps;
         let conv = emb.pp("patch_embedding").get((d, c, p, p), "weight")?;
         Ok(Self {
             cfg: cfg.clone(),
-            patch_embed: Dense::new(conv.reshape((d, c * p * p))?, None)?,
+            // A reshape of a contiguous tensor is a view: a Var stays shared.
+            patch_embed: Dense::new(conv.reshape((d, c * p * p))?, None, mode)?,
             class_embedding: emb.get(d, "class_embedding")?,
             position_embedding: emb.pp("position_embedding").get((n_pos, d), "weight")?,
-            pre_layrnorm: layer_norm(d, cfg.layer_norm_eps, vm.pp("pre_layrnorm"))?,
-            encoder: Encoder::new(&cfg.encoder(), vm.pp("encoder"))?,
-            post_layernorm: layer_norm(d, cfg.layer_norm_eps, vm.pp("post_layernorm"))?,
-            projection: Dense::load(vb.pp("visual_projection"), d, embed_dim, false)?,
+            pre_layrnorm: Norm::load(d, eps, vm.pp("pre_layrnorm"), mode)?,
+            encoder: Encoder::new_with_mode(&cfg.encoder(), vm.pp("encoder"), mode)?,
+            post_layernorm: Norm::load(d, eps, vm.pp("post_layernorm"), mode)?,
+            projection: Dense::load(vb.pp("visual_projection"), d, embed_dim, false, mode)?,
+            mode,
         })
     }
 
     /// The tower's configuration.
     pub fn config(&self) -> &VisionConfig {
         &self.cfg
+    }
+
+    /// Whether the tower is frozen or trainable.
+    pub fn mode(&self) -> TowerMode {
+        self.mode
     }
 
     /// Position embeddings for a `gh x gw` patch grid: (1 + gh*gw) x D_v. The

@@ -63,6 +63,34 @@ impl WeightSource {
         }
     }
 
+    /// A `VarBuilder` over this source's tensors with Hugging Face `CLIPModel` names
+    /// (the model root), as [`crate::ClipModel::load_with_dtype`] uses: plain tensors,
+    /// never `Var`s. File sources are checked against `cfg` first (every tensor present
+    /// and well-shaped) and memory-mapped; `Random` generates [`random_tensors`].
+    pub fn var_builder(
+        &self,
+        cfg: &ClipConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<candle_nn::VarBuilder<'static>> {
+        match self {
+            WeightSource::Random { seed } => {
+                let ts = random_tensors(cfg, *seed)?;
+                Ok(candle_nn::VarBuilder::from_tensors(ts, dtype, device))
+            }
+            _ => {
+                let files = self.resolve()?;
+                let store = WeightStore::open(&files)?;
+                store.check(cfg)?;
+                Ok(candle_nn::VarBuilder::from_backend(
+                    Box::new(store),
+                    dtype,
+                    device.clone(),
+                ))
+            }
+        }
+    }
+
     /// Resolves the source to local safetensors files (downloading for `Hub`
     /// when the cache is cold). `Random` resolves to no files.
     pub fn resolve(&self) -> Result<Vec<PathBuf>> {

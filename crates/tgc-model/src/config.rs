@@ -50,6 +50,50 @@ impl TextMode {
     }
 }
 
+/// Which parameters of CLIP's vision tower train (the paper's Table 4 encoder rows).
+///
+/// The text tower always stays frozen. With anything but `Frozen`, [`crate::TgcNet`]
+/// holds a trainable copy of the vision tower, initialised from the loaded weights,
+/// whose trained parameters are `Var`s under the prefix `clip_vision.`; image features
+/// then come from that tower on every forward (they can no longer be cached).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClipFinetune {
+    /// The paper's model: CLIP frozen, its features computable once and cached.
+    #[default]
+    Frozen,
+    /// Every layer's `self_attn.q_proj` and `v_proj` (weight and bias) train; the rest
+    /// of the tower is frozen ("ViT q,v fine-tune").
+    QueryValue,
+    /// Every vision-tower parameter trains ("ViT full fine-tune"): patch, class and
+    /// position embeddings, pre-LN, all blocks, and the post-LN and visual projection
+    /// when the decoder's CLIP cost channel uses them (`decoder.use_clip_cost`;
+    /// otherwise they do not reach the output and stay frozen).
+    Full,
+}
+
+impl ClipFinetune {
+    /// Whether any CLIP parameter trains.
+    pub fn is_trainable(self) -> bool {
+        self != ClipFinetune::Frozen
+    }
+
+    /// The config name: `frozen`, `query_value` or `full`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClipFinetune::Frozen => "frozen",
+            ClipFinetune::QueryValue => "query_value",
+            ClipFinetune::Full => "full",
+        }
+    }
+}
+
+impl std::fmt::Display for ClipFinetune {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Configuration of [`crate::TgcNet`]. Every ablation of the paper is a change here.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -81,6 +125,10 @@ pub struct TgcConfig {
     /// Replace every prompt by the empty string: the image-only baseline that shows how
     /// much the text carries.
     pub image_only: bool,
+    /// Which CLIP vision-tower parameters train (encoder ablation; `frozen` in the
+    /// paper's model).
+    #[serde(default)]
+    pub clip_finetune: ClipFinetune,
 }
 
 impl Default for TgcConfig {
@@ -107,6 +155,7 @@ impl TgcConfig {
             vlcm: VlcmConfig::default(),
             decoder: DecoderConfig::default(),
             image_only: false,
+            clip_finetune: ClipFinetune::Frozen,
         }
     }
 
@@ -152,6 +201,7 @@ impl TgcConfig {
                 ..DecoderConfig::default()
             },
             image_only: false,
+            clip_finetune: ClipFinetune::Frozen,
         }
     }
 
@@ -216,6 +266,7 @@ impl TgcConfig {
             image_only: false,
             clip,
             text_tower: TextTower::Clip,
+            clip_finetune: ClipFinetune::Frozen,
         }
     }
 
@@ -243,6 +294,14 @@ impl TgcConfig {
     /// `cnn_only`).
     pub fn with_sse_mode(mut self, mode: SseMode) -> Self {
         self.sse.mode = mode;
+        self
+    }
+
+    /// Sets which CLIP vision-tower parameters train (encoder ablation: `frozen`,
+    /// `query_value` = "ViT q,v fine-tune", `full` = "ViT full fine-tune"; with
+    /// `SseMode::Full` the latter is "CNN+ViT full fine-tune").
+    pub fn with_clip_finetune(mut self, finetune: ClipFinetune) -> Self {
+        self.clip_finetune = finetune;
         self
     }
 
@@ -317,6 +376,13 @@ impl TgcConfig {
                  set it to false with a BERT text tower"
                     .into(),
             );
+        }
+        if self.clip_finetune.is_trainable() && self.sse.mode == SseMode::CnnOnly {
+            return bad(format!(
+                "clip_finetune {} needs CLIP's image features, but sse.mode cnn_only does \
+                 not use them; set clip_finetune to frozen",
+                self.clip_finetune
+            ));
         }
         if self.label_size == 0 || self.max_text_len < 2 {
             return bad(format!(

@@ -18,8 +18,28 @@
 //! `sse.mode` (`full`, `clip_only` = no SSE / ViT-only, `cnn_only`), `text_mode`
 //! (`fused`, `main_only` = no DATE, `aux_only`, `concatenated`), `vlcm.variant`
 //! (`gated`, `bi_cross_attn`, `single_cross_attn`, `identity` = no VLCM), and
-//! `image_only` (the prompt replaced by the empty string). The text tower is CLIP's
+//! `image_only` (the prompt replaced by the empty string), and `clip_finetune`
+//! ([`ClipFinetune`]: `frozen`, `query_value`, `full`). The text tower is CLIP's
 //! or a BERT-family encoder ([`TextTower::Bert`], e.g. all-MiniLM-L6-v2).
+//!
+//! The paper's Table 4 encoder rows:
+//!
+//! | row | `sse.mode` | `clip_finetune` |
+//! |---|---|---|
+//! | CNN-only | `cnn_only` | `frozen` (CLIP's image features unused) |
+//! | ViT-only frozen (= "no SSE") | `clip_only` | `frozen` |
+//! | ViT q,v fine-tune | `clip_only` | `query_value` |
+//! | ViT full fine-tune | `clip_only` | `full` |
+//! | CNN+ViT full fine-tune | `full` | `full` |
+//! | CNN+ViT, CLIP frozen (the paper's model) | `full` | `frozen` |
+//!
+//! When `clip_finetune` is not `frozen`, [`TgcNet`] holds a trainable copy of CLIP's
+//! vision tower (gradient-correct kernels, initialised from the loaded weights; see
+//! [`finetune`]) whose trained parameters are `Var`s named `clip_vision.*` in the same
+//! `VarMap`, counted as trainable by [`TgcNet::param_counts`] and saved with the other
+//! weights. Image features then come from that tower on every forward
+//! ([`TgcNet::forward`], [`TgcNet::forward_images`]); [`TgcNet::forward_features`]
+//! refuses precomputed ones, since they would bypass the tower being trained.
 //!
 //! No pretrained CLIP is reachable on the development machines, so tests and the CPU
 //! demos use CLIP in its real architecture with deterministic random weights
@@ -41,16 +61,17 @@
 
 mod config;
 mod error;
+pub mod finetune;
 mod model;
 pub mod text;
 mod towers;
 
-pub use config::{TextMode, TextTower, TgcConfig};
+pub use config::{ClipFinetune, TextMode, TextTower, TgcConfig};
 pub use error::{Error, Result};
 pub use model::{
     clip_cost_map, clip_param_count, ParamCounts, TgcInput, TgcNet, CONFIG_METADATA_KEY,
 };
-pub use tgc_clip::WeightSource;
+pub use tgc_clip::{TowerMode, WeightSource};
 pub use tgc_sse::SseMode;
 pub use tgc_vlcm::VlcmVariant;
 pub use towers::{FrozenTowers, ImageFeatures, PromptFeatures, CLIP_TOKENIZER_JSON};

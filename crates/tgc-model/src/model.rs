@@ -6,13 +6,14 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
-use tgc_clip::WeightSource;
+use tgc_clip::{VisionTransformer, WeightSource};
 use tgc_date::{Date, TextFusion};
 use tgc_decoder::CostAggregationDecoder;
 use tgc_sse::Sse;
 use tgc_vlcm::{Calibrator, Vlcm};
 
 use crate::config::{TextMode, TgcConfig};
+use crate::finetune::{build_vision_tower, CLIP_VISION_PREFIX};
 use crate::towers::{FrozenTowers, ImageFeatures, PromptFeatures};
 use crate::{Error, Result};
 
@@ -36,11 +37,13 @@ pub struct TgcInput {
 /// Trainable-parameter counts per module, and the frozen towers apart.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParamCounts {
-    /// Trainable parameters per module (`sse`, `date`, `vlcm`, `decoder`).
+    /// Trainable parameters per module (`sse`, `date`, `vlcm`, `decoder`, and
+    /// `clip_vision` when the CLIP vision tower is fine-tuned).
     pub per_module: BTreeMap<String, usize>,
     /// Sum of the trainable parameters.
     pub trainable: usize,
-    /// Parameters of the frozen towers (never trained).
+    /// Parameters of the CLIP towers that do not train (the fine-tuned vision
+    /// parameters are counted as trainable instead).
     pub frozen: usize,
 }
 
@@ -51,9 +54,17 @@ pub struct ParamCounts {
 /// `SSE -> (DATE) -> VLCM -> CAT-Seg decoder`. The trainable parameters live in one
 /// [`VarMap`] under the prefixes `sse.`, `date.`, `vlcm.` and `decoder.`; the frozen
 /// weights are plain tensors.
+///
+/// With [`TgcConfig::clip_finetune`] other than `Frozen`, the model also holds a
+/// trainable copy of CLIP's vision tower (initialised from the loaded weights, with
+/// gradient-correct kernels) whose fine-tuned parameters are `Var`s under `clip_vision.`
+/// (see [`crate::ClipFinetune`]). Image features then always come from that tower:
+/// [`Self::forward`] and [`Self::forward_images`] compute them with gradients, and
+/// [`Self::forward_features`] refuses precomputed ones. The text tower stays frozen.
 pub struct TgcNet {
     cfg: TgcConfig,
     towers: FrozenTowers,
+    clip_vision: Option<VisionTransformer>,
     sse: Sse,
     fusion: Option<Box<dyn TextFusion>>,
     calibrator: Box<dyn Calibrator>,
@@ -99,9 +110,15 @@ impl TgcNet {
         );
         let decoder = CostAggregationDecoder::new(&cfg.decoder, vb.pp("decoder"))
             .map_err(|e| Error::Config(format!("decoder: {e}")))?;
+        let clip_vision = if cfg.clip_finetune.is_trainable() {
+            Some(build_vision_tower(&cfg, &towers, &varmap)?)
+        } else {
+            None
+        };
         Ok(Self {
             cfg,
             towers,
+            clip_vision,
             sse,
             fusion,
             calibrator,
@@ -146,6 +163,36 @@ impl TgcNet {
         &self.towers
     }
 
+    /// The trainable copy of CLIP's vision tower (`None` when `clip_finetune` is
+    /// `frozen`).
+    pub fn clip_vision(&self) -> Option<&VisionTransformer> {
+        self.clip_vision.as_ref()
+    }
+
+    /// Whether image features must be computed by the model on every forward (the CLIP
+    /// vision tower is fine-tuned), so they cannot be cached or precomputed.
+    pub fn finetunes_clip(&self) -> bool {
+        self.clip_vision.is_some()
+    }
+
+    /// Image features of preprocessed images `B x 3 x S_c x S_c` (CLIP mean/std): from
+    /// the trainable vision tower (with gradients) when CLIP is fine-tuned, else from the
+    /// frozen towers (no graph).
+    pub fn encode_images(&self, clip_images: &Tensor) -> Result<ImageFeatures> {
+        match &self.clip_vision {
+            Some(tower) => {
+                let out = tower
+                    .forward(clip_images, &[])
+                    .map_err(|e| Error::Input(format!("CLIP vision tower (fine-tuned): {e}")))?;
+                Ok(ImageFeatures {
+                    patch_tokens: out.patch_tokens,
+                    dense_embeds: out.dense_embeds,
+                })
+            }
+            None => self.towers.encode_images(clip_images),
+        }
+    }
+
     /// The device.
     pub fn device(&self) -> &Device {
         &self.device
@@ -164,7 +211,8 @@ impl TgcNet {
         v
     }
 
-    /// Trainable parameters per module and the frozen towers' size.
+    /// Trainable parameters per module and the frozen towers' size (fine-tuned CLIP
+    /// parameters count as trainable, module `clip_vision`, not as frozen).
     pub fn param_counts(&self) -> ParamCounts {
         let mut per_module = BTreeMap::new();
         let mut trainable = 0;
@@ -174,10 +222,11 @@ impl TgcNet {
             *per_module.entry(module).or_insert(0) += n;
             trainable += n;
         }
+        let finetuned = per_module.get(CLIP_VISION_PREFIX).copied().unwrap_or(0);
         ParamCounts {
             per_module,
             trainable,
-            frozen: clip_param_count(&self.cfg),
+            frozen: clip_param_count(&self.cfg).saturating_sub(finetuned),
         }
     }
 
@@ -209,7 +258,60 @@ impl TgcNet {
     /// - `k`: prompts per image
     ///
     /// Returns logits `B x K x label_size x label_size`.
+    ///
+    /// Fails when the CLIP vision tower is fine-tuned (`clip_finetune` not `frozen`):
+    /// precomputed features would bypass the tower being trained (no gradient, stale
+    /// after the first update). Use [`Self::forward_images`] (cached prompts, raw
+    /// images) or [`Self::forward`] then.
     pub fn forward_features(
+        &self,
+        image: &ImageFeatures,
+        cnn_images: &Tensor,
+        primary: &PromptFeatures,
+        aux: Option<&PromptFeatures>,
+        k: usize,
+        train: bool,
+    ) -> Result<Tensor> {
+        if self.finetunes_clip() {
+            return Err(Error::Input(format!(
+                "forward_features: clip_finetune is {}, so image features must come from \
+                 the model's trainable CLIP vision tower, not from precomputed or cached \
+                 features; call forward_images (raw CLIP images) or forward instead",
+                self.cfg.clip_finetune
+            )));
+        }
+        self.run_modules(image, cnn_images, primary, aux, k, train)
+    }
+
+    /// Runs the model on raw CLIP images and precomputed prompt features: image features
+    /// come from [`Self::encode_images`] (the fine-tuned vision tower with gradients when
+    /// `clip_finetune` is set, else the frozen one), then as [`Self::forward_features`].
+    ///
+    /// - `clip_images`: `B x 3 x S_c x S_c` (CLIP mean/std); other arguments as in
+    ///   [`Self::forward_features`].
+    ///
+    /// Returns logits `B x K x label_size x label_size`.
+    pub fn forward_images(
+        &self,
+        clip_images: &Tensor,
+        cnn_images: &Tensor,
+        primary: &PromptFeatures,
+        aux: Option<&PromptFeatures>,
+        k: usize,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, bc) = (cnn_images.dim(0)?, clip_images.dim(0)?);
+        if b != bc {
+            return Err(Error::Input(format!(
+                "{bc} CLIP images but {b} CNN images in one batch"
+            )));
+        }
+        let image = self.encode_images(clip_images)?;
+        self.run_modules(&image, cnn_images, primary, aux, k, train)
+    }
+
+    /// The trainable modules on image and prompt features (no fine-tuning check).
+    fn run_modules(
         &self,
         image: &ImageFeatures,
         cnn_images: &Tensor,
@@ -321,13 +423,19 @@ impl TgcNet {
         Ok((primary, aux))
     }
 
-    /// Runs the whole model (frozen towers included) on raw input.
-    /// Returns logits `B x K x label_size x label_size`.
+    /// Runs the whole model (towers included) on raw input; a fine-tuned CLIP vision
+    /// tower runs with gradients. Returns logits `B x K x label_size x label_size`.
     pub fn forward(&self, input: &TgcInput, train: bool) -> Result<Tensor> {
-        let image = self.towers.encode_images(&input.clip_images)?;
         let (primary, aux) = self.encode_prompts(&input.prompts, input.aux_prompts.as_deref())?;
         let k = input.prompts[0].len();
-        self.forward_features(&image, &input.cnn_images, &primary, aux.as_ref(), k, train)
+        self.forward_images(
+            &input.clip_images,
+            &input.cnn_images,
+            &primary,
+            aux.as_ref(),
+            k,
+            train,
+        )
     }
 
     /// Segments one preprocessed image with `prompts`.
@@ -360,8 +468,8 @@ impl TgcNet {
             .collect()
     }
 
-    /// Saves the trainable weights to a safetensors file with the config in its metadata,
-    /// atomically (temporary file, then rename).
+    /// Saves the trainable weights (fine-tuned CLIP parameters included) to a safetensors
+    /// file with the config in its metadata, atomically (temporary file, then rename).
     pub fn save_weights(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let mut meta = HashMap::new();
@@ -401,6 +509,12 @@ impl TgcNet {
         {
             let found: serde_json::Value =
                 serde_json::from_str(json).map_err(|e| corrupt(e.to_string()))?;
+            // Fields added since the checkpoint was written (e.g. `clip_finetune`) take
+            // their defaults, as deserialising the stored config would give.
+            let found = serde_json::from_value::<TgcConfig>(found.clone())
+                .ok()
+                .and_then(|c| serde_json::to_value(c).ok())
+                .unwrap_or(found);
             let ours = serde_json::to_value(&self.cfg).map_err(|e| Error::Config(e.to_string()))?;
             let diffs = config_diff(&ours, &found);
             if !diffs.is_empty() {
@@ -413,6 +527,18 @@ impl TgcNet {
         }
         let tensors = candle_core::safetensors::load_buffer(&bytes, &self.device)
             .map_err(|e| corrupt(e.to_string()))?;
+        // Without a stored config, at least refuse fine-tuned CLIP weights this model
+        // would silently ignore.
+        if !self.finetunes_clip() {
+            let prefix = format!("{CLIP_VISION_PREFIX}.");
+            if let Some(n) = tensors.keys().find(|n| n.starts_with(&prefix)) {
+                return Err(Error::Config(format!(
+                    "{} holds fine-tuned CLIP vision weights ({n}, ...) but this model's \
+                     clip_finetune is frozen",
+                    path.display()
+                )));
+            }
+        }
         for (name, var) in self.trainable_vars() {
             let t = tensors
                 .get(&name)
@@ -491,6 +617,17 @@ fn config_diff(ours: &serde_json::Value, found: &serde_json::Value) -> Vec<Strin
                     match y.get(k) {
                         Some(vb) => walk(&q, va, vb, out),
                         None => out.push(format!("{q}: {va} vs (absent)")),
+                    }
+                }
+                for (k, vb) in y {
+                    let skip = x.contains_key(k) || (p.is_empty() && k == "preset");
+                    if !skip {
+                        let q = if p.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{p}.{k}")
+                        };
+                        out.push(format!("{q}: (absent) vs {vb}"));
                     }
                 }
             }

@@ -3,6 +3,8 @@
 //!
 //! The towers never train, so their outputs for an image or a prompt never change; the
 //! training crate caches these feature structs and only runs the trainable modules.
+//! (With `TgcConfig::clip_finetune` set, `TgcNet` computes image features with its own
+//! trainable copy of the vision tower instead; prompts still come from here.)
 
 use candle_core::{DType, Device, Tensor, D};
 use tgc_clip::{ClipModel, ClipTokenizer, WeightSource};
@@ -74,6 +76,7 @@ impl PromptFeatures {
 /// The frozen CLIP towers, the tokenizer and the optional BERT text tower.
 pub struct FrozenTowers {
     clip: ClipModel,
+    source: WeightSource,
     tokenizer: ClipTokenizer,
     bert: Option<BertTextTower>,
     max_len: usize,
@@ -113,6 +116,7 @@ impl FrozenTowers {
         };
         Ok(Self {
             clip,
+            source: clip_weights.clone(),
             tokenizer,
             bert,
             max_len: cfg.max_text_len,
@@ -123,6 +127,12 @@ impl FrozenTowers {
     /// The CLIP model.
     pub fn clip(&self) -> &ClipModel {
         &self.clip
+    }
+
+    /// Where the CLIP weights came from (the trainable vision tower of a fine-tuning
+    /// config starts from the same tensors).
+    pub fn weight_source(&self) -> &WeightSource {
+        &self.source
     }
 
     /// The CLIP tokenizer.

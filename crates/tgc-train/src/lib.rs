@@ -100,6 +100,6 @@ pub use overlay::{render_overlay, write_overlay, OverlayConfig};
 pub use plot::{plot_curves, plot_curves_from_jsonl, PlotConfig};
 pub use schedule::WarmupCosine;
 pub use trainer::{
-    batch_logits, evaluate, EpochRecord, FeatureStore, ImageScore, TrainConfig, TrainSummary,
-    Trainer,
+    batch_logits, evaluate, EpochRecord, FeatureStore, ImageFeatureSource, ImageScore, TrainConfig,
+    TrainSummary, Trainer,
 };

@@ -3,7 +3,16 @@
 //! The frozen towers' outputs are computed once per (image, augmentation variant) and per
 //! prompt and kept in a [`FeatureStore`] (in memory, plus an on-disk
 //! [`tgc_data::FeatureCache`] for images when a cache folder is given); every step then
-//! runs only the trainable modules. Checkpoints hold the trainable weights, the AdamW
+//! runs only the trainable modules.
+//!
+//! When the model fine-tunes CLIP's vision tower (`TgcConfig::clip_finetune` not
+//! `frozen`), image features change with every update: the store then never caches or
+//! reads image features (in memory or on disk), and every step feeds the raw CLIP images
+//! through the model ([`TgcNet::forward_images`]) so the gradients reach the tower.
+//! Prompt features are still cached (the text tower stays frozen). [`Trainer::new`]
+//! logs which path it takes ([`Trainer::image_features`]).
+//!
+//! Checkpoints hold the trainable weights, the AdamW
 //! moments, the step, the epoch and the early-stopping state, so a resumed run continues
 //! bit for bit (dropout off, as in the `cpu` and `tiny` presets).
 
@@ -251,15 +260,39 @@ fn model_err(e: tgc_model::Error) -> Error {
     Error::from(e)
 }
 
+/// Where a training run's image features come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageFeatureSource {
+    /// Computed once by the frozen CLIP tower and reused (memory, and the disk cache
+    /// when one is configured).
+    Cached,
+    /// Computed on every step by the model's fine-tuned CLIP vision tower, with
+    /// gradients (never cached).
+    FineTunedTower,
+}
+
+impl ImageFeatureSource {
+    /// The source `model` needs.
+    pub fn for_model(model: &TgcNet) -> Self {
+        if model.finetunes_clip() {
+            ImageFeatureSource::FineTunedTower
+        } else {
+            ImageFeatureSource::Cached
+        }
+    }
+}
+
 /// Logits `B x 1 x S x S` of a batch, its primary prompts and aux prompts as the model
-/// sees them.
+/// sees them. Image features come from `store` (cached frozen features) unless the model
+/// fine-tunes CLIP, in which case the batch's raw CLIP images go through the model's
+/// trainable vision tower.
 pub fn batch_logits(
     model: &TgcNet,
     store: &mut FeatureStore,
     batch: &Batch,
     train: bool,
 ) -> Result<Tensor> {
-    let image = store.images(model, batch)?;
     let mut prim = Vec::with_capacity(batch.len());
     let mut aux = Vec::with_capacity(batch.len());
     for (c, a) in batch.captions.iter().zip(&batch.aux_captions) {
@@ -275,9 +308,21 @@ pub fn batch_logits(
     } else {
         Some(store.prompts(model, &aux)?)
     };
-    model
-        .forward_features(&image, &batch.cnn_images, &primary, aux.as_ref(), 1, train)
-        .map_err(model_err)
+    match ImageFeatureSource::for_model(model) {
+        ImageFeatureSource::FineTunedTower => model.forward_images(
+            &batch.clip_images,
+            &batch.cnn_images,
+            &primary,
+            aux.as_ref(),
+            1,
+            train,
+        ),
+        ImageFeatureSource::Cached => {
+            let image = store.images(model, batch)?;
+            model.forward_features(&image, &batch.cnn_images, &primary, aux.as_ref(), 1, train)
+        }
+    }
+    .map_err(model_err)
 }
 
 /// Per-image scores of an evaluation.
@@ -395,6 +440,7 @@ pub struct Trainer<'a> {
     val: Arc<dyn SegDataset>,
     preprocess: Preprocess,
     store: FeatureStore,
+    images: ImageFeatureSource,
     out_dir: PathBuf,
     early: EarlyStopping,
     epoch: usize,
@@ -448,13 +494,31 @@ impl<'a> Trainer<'a> {
                 ..AdamWConfig::default()
             },
         )?;
+        let images = ImageFeatureSource::for_model(model);
         let disk = match &cfg.cache_dir {
-            Some(dir) if cfg.use_cache => {
+            Some(dir) if cfg.use_cache && images == ImageFeatureSource::Cached => {
                 let id = model.config().frozen_id("");
                 Some(FeatureCache::open(dir, &id)?)
             }
             _ => None,
         };
+        if images == ImageFeatureSource::FineTunedTower {
+            let msg = format!(
+                "clip_finetune = {}: image features are computed by the fine-tuned CLIP \
+                 vision tower on every step (no image feature cache{}); prompt features \
+                 are still cached",
+                model.config().clip_finetune,
+                if cfg.cache_dir.is_some() {
+                    ", cache_dir ignored"
+                } else {
+                    ""
+                }
+            );
+            tracing::info!("{msg}");
+            if cfg.progress {
+                eprintln!("{msg}");
+            }
+        }
         let store = FeatureStore::new(disk, &preprocess, cfg.use_cache);
         let early = EarlyStopping::new(cfg.patience.max(1), 0.0)?;
         Ok(Self {
@@ -465,6 +529,7 @@ impl<'a> Trainer<'a> {
             val,
             preprocess,
             store,
+            images,
             out_dir,
             early,
             epoch: 0,
@@ -482,6 +547,12 @@ impl<'a> Trainer<'a> {
     /// Path of the best checkpoint.
     pub fn best_checkpoint(&self) -> PathBuf {
         self.out_dir.join("best.safetensors")
+    }
+
+    /// Where this run's image features come from: cached frozen features, or the
+    /// fine-tuned CLIP vision tower on every step.
+    pub fn image_features(&self) -> ImageFeatureSource {
+        self.images
     }
 
     /// Optimiser steps taken.
