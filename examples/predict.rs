@@ -36,6 +36,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    tgc::train::tune_cpu_threads();
     let args = Args::parse();
     let dev = Device::Cpu;
     // The model config travels in the checkpoint's metadata.

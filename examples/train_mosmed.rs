@@ -100,6 +100,7 @@ fn run(
 }
 
 fn main() -> Result<()> {
+    tgc::train::tune_cpu_threads();
     let args = Args::parse();
     let clip = weights(&args.clip_weights);
     match &args.data {

@@ -132,6 +132,7 @@ impl SegDataset for ShuffledCaptions {
 }
 
 fn main() {
+    tgc::train::tune_cpu_threads();
     if let Err(e) = run() {
         eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(1);

@@ -242,6 +242,7 @@ struct CacheArgs {
 }
 
 fn main() {
+    tgc_train::tune_cpu_threads();
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Train(a) => train(a),

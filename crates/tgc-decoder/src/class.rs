@@ -2,8 +2,9 @@
 //! of a pooled grid (CAT-Seg's "class aggregation").
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use tgc_nn::LayerNorm;
+use tgc_nn::Linear;
 
 use crate::spatial::{maybe_dropout, Mlp};
 use crate::Result;
@@ -71,9 +72,9 @@ impl ClassAggregation {
     ) -> Result<Self> {
         Ok(Self {
             norm1: tgc_nn::layer_norm(dim, eps, vb.pp("norm1"))?,
-            q: candle_nn::linear(dim + guidance, dim, vb.pp("q"))?,
-            k: candle_nn::linear(dim + guidance, dim, vb.pp("k"))?,
-            v: candle_nn::linear(dim, dim, vb.pp("v"))?,
+            q: tgc_nn::linear(dim + guidance, dim, vb.pp("q"))?,
+            k: tgc_nn::linear(dim + guidance, dim, vb.pp("k"))?,
+            v: tgc_nn::linear(dim, dim, vb.pp("v"))?,
             norm2: tgc_nn::layer_norm(dim, eps, vb.pp("norm2"))?,
             mlp: Mlp::new(dim, mlp_hidden, false, vb.pp("mlp"))?,
             heads,

@@ -97,7 +97,7 @@ mod spatial;
 
 use candle_core::{Tensor, D};
 use candle_nn::{
-    Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, Linear, VarBuilder,
+    Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, VarBuilder,
 };
 use serde::{Deserialize, Serialize};
 
@@ -328,7 +328,7 @@ pub struct CostAggregationDecoder {
     cfg: DecoderConfig,
     cost_embed: Conv2d,
     appearance_guidance: Conv2d,
-    text_guidance: Linear,
+    text_guidance: tgc_nn::Linear,
     layers: Vec<AggregationLayer>,
     decoder_guidance: [Conv2d; 2],
     up: [UpStage; 2],
@@ -348,7 +348,7 @@ impl CostAggregationDecoder {
         let gk = cfg.guidance_kernel;
         let appearance_guidance =
             candle_nn::conv2d(d, g, gk, pad(gk / 2), vb.pp("appearance_guidance"))?;
-        let text_guidance = candle_nn::linear(d, g, vb.pp("text_guidance"))?;
+        let text_guidance = tgc_nn::linear(d, g, vb.pp("text_guidance"))?;
         let layers = (0..cfg.layers)
             .map(|i| {
                 let lvb = vb.pp("layers").pp(i);

@@ -7,8 +7,9 @@
 //! reshape / transpose.
 
 use candle_core::{Device, Module, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use tgc_nn::LayerNorm;
+use tgc_nn::Linear;
 
 use crate::Result;
 
@@ -165,8 +166,8 @@ pub(crate) struct Mlp {
 impl Mlp {
     pub(crate) fn new(dim: usize, hidden: usize, gelu: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            fc1: candle_nn::linear(dim, hidden, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(hidden, dim, vb.pp("fc2"))?,
+            fc1: tgc_nn::linear(dim, hidden, vb.pp("fc1"))?,
+            fc2: tgc_nn::linear(hidden, dim, vb.pp("fc2"))?,
             gelu,
         })
     }
@@ -220,10 +221,10 @@ impl SwinBlock {
         let attn = vb.pp("attn");
         Ok(Self {
             norm1: tgc_nn::layer_norm(dim, eps, vb.pp("norm1"))?,
-            q: candle_nn::linear(dim + guidance, dim, attn.pp("q"))?,
-            k: candle_nn::linear(dim + guidance, dim, attn.pp("k"))?,
-            v: candle_nn::linear(dim, dim, attn.pp("v"))?,
-            proj: candle_nn::linear(dim, dim, attn.pp("proj"))?,
+            q: tgc_nn::linear(dim + guidance, dim, attn.pp("q"))?,
+            k: tgc_nn::linear(dim + guidance, dim, attn.pp("k"))?,
+            v: tgc_nn::linear(dim, dim, attn.pp("v"))?,
+            proj: tgc_nn::linear(dim, dim, attn.pp("proj"))?,
             norm2: tgc_nn::layer_norm(dim, eps, vb.pp("norm2"))?,
             mlp: Mlp::new(dim, mlp_hidden, true, vb.pp("mlp"))?,
             heads,

@@ -2,8 +2,9 @@
 //! [`MsDeformEncoder`], configured by [`MsDeformAttnConfig`].
 
 use candle_core::{Device, Module, Tensor, D};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
+use tgc_nn::Linear;
 
 use crate::{ms_deform_attn, Error, MsdaImpl, Result};
 
@@ -209,7 +210,7 @@ impl MsDeformAttn {
             .attention_weights
             .forward(query)?
             .reshape((n, lq, m, l * p))?;
-        let attn = candle_nn::ops::softmax(&attn, D::Minus1)?.reshape((n, lq, m, l, p))?;
+        let attn = tgc_nn::softmax_last_dim(&attn)?.reshape((n, lq, m, l, p))?;
         // Offsets are in pixels of each level: divide by (W_l, H_l).
         let norm: Vec<f32> = spatial_shapes
             .iter()

@@ -7,7 +7,8 @@
 //! provides versions built from differentiable primitives, tested against finite
 //! differences:
 //!
-//! - [`LayerNorm`] / [`layer_norm`]: normalisation over the last dimension.
+//! - [`LayerNorm`] / [`layer_norm`]: normalisation over the last dimension (a fused
+//!   kernel with analytic backward on CPU, the composite form elsewhere).
 //! - [`MultiHeadAttention`]: scaled dot-product attention with separate query and key/value
 //!   widths and an optional key-padding mask (text tokens after EOS).
 //! - [`resize_bilinear`]: PyTorch `interpolate(mode="bilinear", align_corners=False)` as two
@@ -15,8 +16,10 @@
 //! - [`masked_mean`]: mean over valid tokens.
 //! - [`softmax_last_dim`]: a fused softmax with an analytic backward (candle's fused one
 //!   has no backward; the generic one is several times slower).
-//! - [`linear_xavier`]: a `Linear` with Xavier-uniform weights and zero bias (the init
-//!   Deformable DETR and CAT-Seg use for their projections).
+//! - [`Linear`]: `nn.Linear` with a fused bias add (candle's spends more time on the bias
+//!   gradient than on the matrix product for `B x T x D` inputs), and [`linear_xavier`]:
+//!   one with Xavier-uniform weights and zero bias (the init Deformable DETR and CAT-Seg
+//!   use for their projections).
 //!
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};
@@ -35,9 +38,12 @@
 //! ```
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
+mod layer_norm;
+mod linear;
 mod softmax;
+pub use linear::{add_bias, Linear};
 pub use softmax::softmax_last_dim;
 
 /// Layer normalisation over the last dimension, with a working backward pass.
@@ -64,9 +70,10 @@ pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     Ok(LayerNorm::new(weight, bias, eps))
 }
 
-impl Module for LayerNorm {
-    /// `x`: `... x dim` -> `... x dim`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl LayerNorm {
+    /// The same normalisation from nine differentiable candle ops: the fallback on
+    /// devices without the fused kernel, and the test oracle for it.
+    pub fn forward_composite(&self, x: &Tensor) -> Result<Tensor> {
         let dim = x.dim(D::Minus1)? as f64;
         let mean = (x.sum_keepdim(D::Minus1)? / dim)?;
         let xc = x.broadcast_sub(&mean)?;
@@ -74,6 +81,24 @@ impl Module for LayerNorm {
         let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
     }
+}
+
+impl Module for LayerNorm {
+    /// `x`: `... x dim` -> `... x dim`. Fused kernel with analytic backward on CPU
+    /// (f32/f64), [`LayerNorm::forward_composite`] elsewhere.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match layer_norm::fused_layer_norm(x, &self.weight, &self.bias, self.eps)? {
+            Some(y) => Ok(y),
+            None => self.forward_composite(x),
+        }
+    }
+}
+
+/// A [`Linear`] layer initialised as `candle_nn::linear` (and PyTorch's `nn.Linear`):
+/// Kaiming-normal weight, bias uniform in `+-1/sqrt(in_dim)`.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let l = candle_nn::linear(in_dim, out_dim, vb)?;
+    Ok(Linear::new(l.weight().clone(), l.bias().cloned()))
 }
 
 /// A `Linear` layer with Xavier-uniform weight and zero bias, named `weight` / `bias`.

@@ -75,6 +75,107 @@ fn layer_norm_gradients_match_finite_differences() -> Result<()> {
 }
 
 #[test]
+fn fused_layer_norm_matches_composite_with_gradients() -> Result<()> {
+    let dev = Device::Cpu;
+    // 3 x 45 = 135 rows: more than two of the backward's 64-row blocks, the last partial.
+    for (dtype, tol) in [(DType::F32, 2e-5), (DType::F64, 1e-12)] {
+        let w = Var::from_tensor(&Tensor::randn(1f64, 0.5, 24, &dev)?.to_dtype(dtype)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f64, 0.5, 24, &dev)?.to_dtype(dtype)?)?;
+        let ln = tgc_nn::LayerNorm::new(w.as_tensor().clone(), b.as_tensor().clone(), 1e-5);
+        let x = Var::from_tensor(&Tensor::randn(0.3f64, 2.0, (3, 45, 24), &dev)?.to_dtype(dtype)?)?;
+        let target = Tensor::randn(0f64, 1.0, (3, 45, 24), &dev)?.to_dtype(dtype)?;
+        let fused = ln.forward(x.as_tensor())?;
+        let composite = ln.forward_composite(x.as_tensor())?;
+        let d = max_abs(
+            &fused.to_dtype(DType::F64)?,
+            &composite.to_dtype(DType::F64)?,
+        );
+        assert!(d < tol, "{dtype:?} forward differs by {d}");
+        let gf = (fused * &target)?.sum_all()?.backward()?;
+        let gc = (composite * &target)?.sum_all()?.backward()?;
+        for (name, v) in [("input", &x), ("weight", &w), ("bias", &b)] {
+            let a = gf
+                .get(v.as_tensor())
+                .expect("fused gradient")
+                .to_dtype(DType::F64)?;
+            let c = gc
+                .get(v.as_tensor())
+                .expect("composite gradient")
+                .to_dtype(DType::F64)?;
+            let d = max_abs(&a, &c);
+            assert!(d < tol * 50.0, "{dtype:?} {name} gradient differs by {d}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn fused_layer_norm_parameter_gradients_match_finite_differences() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f64, 1.5, (70, 6), &dev)?;
+    let target = Tensor::randn(0f64, 1.0, (70, 6), &dev)?;
+    let w0 = Tensor::randn(1f64, 0.3, 6, &dev)?;
+    let b0 = Tensor::randn(0f64, 0.3, 6, &dev)?;
+    let w = Var::from_tensor(&w0)?;
+    let err = gradcheck(&w, &|t| {
+        (tgc_nn::LayerNorm::new(t.clone(), b0.clone(), 1e-5).forward(&x)? * &target)?.sum_all()
+    })?;
+    assert!(err < 1e-6, "weight gradient off by {err}");
+    let b = Var::from_tensor(&b0)?;
+    let err = gradcheck(&b, &|t| {
+        (tgc_nn::LayerNorm::new(w0.clone(), t.clone(), 1e-5).forward(&x)? * &target)?.sum_all()
+    })?;
+    assert!(err < 1e-6, "bias gradient off by {err}");
+    Ok(())
+}
+
+#[test]
+fn linear_matches_candle_linear_with_gradients() -> Result<()> {
+    let dev = Device::Cpu;
+    // 2 x 300 = 600 rows: several of the bias-gradient's 256-row blocks, the last partial.
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::F64, 1e-10)] {
+        let w = Var::from_tensor(&Tensor::randn(0f64, 0.3, (7, 5), &dev)?.to_dtype(dtype)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f64, 0.3, 7, &dev)?.to_dtype(dtype)?)?;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 300, 5), &dev)?.to_dtype(dtype)?)?;
+        let target = Tensor::randn(0f64, 1.0, (2, 300, 7), &dev)?.to_dtype(dtype)?;
+        let ours = tgc_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+        let theirs = candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+        let yo = ours.forward(x.as_tensor())?;
+        let yt = theirs.forward(x.as_tensor())?;
+        assert_eq!(yo.dims(), &[2, 300, 7]);
+        let d = max_abs(&yo.to_dtype(DType::F64)?, &yt.to_dtype(DType::F64)?);
+        assert!(d < tol, "{dtype:?} forward differs by {d}");
+        let go = (yo * &target)?.sum_all()?.backward()?;
+        let gt = (yt * &target)?.sum_all()?.backward()?;
+        for (name, v) in [("input", &x), ("weight", &w), ("bias", &b)] {
+            let a = go
+                .get(v.as_tensor())
+                .expect("gradient")
+                .to_dtype(DType::F64)?;
+            let c = gt
+                .get(v.as_tensor())
+                .expect("candle gradient")
+                .to_dtype(DType::F64)?;
+            let d = max_abs(&a, &c);
+            assert!(d < tol * 100.0, "{dtype:?} {name} gradient differs by {d}");
+        }
+    }
+    // Bias gradient against finite differences; no bias works too.
+    let x = Tensor::randn(0f64, 1.0, (4, 3, 5), &dev)?;
+    let w = Tensor::randn(0f64, 0.3, (2, 5), &dev)?;
+    let target = Tensor::randn(0f64, 1.0, (4, 3, 2), &dev)?;
+    let b = Var::from_tensor(&Tensor::randn(0f64, 0.3, 2, &dev)?)?;
+    let err = gradcheck(&b, &|t| {
+        (tgc_nn::Linear::new(w.clone(), Some(t.clone())).forward(&x)? * &target)?.sum_all()
+    })?;
+    assert!(err < 1e-6, "bias gradient off by {err}");
+    let y = tgc_nn::Linear::new(w.clone(), None).forward(&x)?;
+    let want = x.broadcast_matmul(&w.t()?)?;
+    assert!(max_abs(&y, &want) < 1e-12);
+    Ok(())
+}
+
+#[test]
 fn resize_bilinear_matches_pytorch_convention() -> Result<()> {
     let dev = Device::Cpu;
     let x = Tensor::new(&[[[[1.0f64, 2.0], [3.0, 4.0]]]], &dev)?;

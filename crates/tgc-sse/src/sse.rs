@@ -1,8 +1,9 @@
 //! The Semantic-Structural Synergy Encoder: CNN branch, CLIP fusion, MSDeformAttn.
 
 use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
 use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, Init};
-use candle_nn::{Linear, VarBuilder};
+use tgc_nn::Linear;
 
 use crate::cnn::{check_image, CnnBranch};
 use crate::config::groups_for;

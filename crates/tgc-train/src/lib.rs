@@ -12,6 +12,7 @@
 //! | [`plot`] | [`plot_curves`]: PNG of train loss and val Dice per epoch |
 //! | [`overlay`] | [`write_overlay`]: image with predicted / ground-truth contours and the prompt as caption |
 //! | [`font`] | the built-in 5x7 bitmap font used for captions and legends |
+//! | [`threads`] | [`tune_cpu_threads`]: no spinning element-wise pool on small CPU machines |
 //!
 //! Only trainable parameters are `Var`s given to the optimiser; frozen towers are plain
 //! tensors and get neither gradients nor optimiser state. Exact resume = the parameters,
@@ -85,6 +86,7 @@ pub mod optim;
 pub mod overlay;
 pub mod plot;
 pub mod schedule;
+pub mod threads;
 pub mod trainer;
 
 pub use checkpoint::{
@@ -99,6 +101,7 @@ pub use optim::{clip_grad_norm, AdamW, AdamWConfig, StepStats};
 pub use overlay::{render_overlay, write_overlay, OverlayConfig};
 pub use plot::{plot_curves, plot_curves_from_jsonl, PlotConfig};
 pub use schedule::WarmupCosine;
+pub use threads::tune_cpu_threads;
 pub use trainer::{
     batch_logits, evaluate, EpochRecord, FeatureStore, ImageFeatureSource, ImageScore, TrainConfig,
     TrainSummary, Trainer,

@@ -60,8 +60,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
+use tgc_nn::Linear;
 use tgc_nn::{LayerNorm, MhaConfig, MultiHeadAttention};
 
 /// Errors of the VLCM module.

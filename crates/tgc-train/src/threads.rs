@@ -1,0 +1,37 @@
+//! Thread settings for training on small CPU machines.
+//!
+//! Candle 0.11 runs its element-wise CPU kernels on its own pool of threads that
+//! busy-wait (25,000 spins) for work and whose caller busy-waits for them to finish,
+//! next to rayon's pool (matrix products and this workspace's fused kernels). On a
+//! two-core machine the two pools take turns spinning against each other: `perf` showed
+//! 40% of a `cpu`-preset step in candle's `BarrierGuard::drop` and its worker's spin
+//! loop. Running candle's element-wise ops on the calling thread alone
+//! (`CANDLE_NUM_THREADS=1`; matrix products still use every core) removes that:
+//! `cargo run --release --example step_timing -- --preset tiny --steps 10` with and
+//! without the variable (docs/results.md has the numbers).
+
+/// Cores at or below which [`tune_cpu_threads`] turns candle's element-wise pool off.
+pub const SMALL_MACHINE_CORES: usize = 4;
+
+/// Sets `CANDLE_NUM_THREADS=1` on machines with at most [`SMALL_MACHINE_CORES`] cores,
+/// unless the variable is already set. Returns the value now in effect, if any.
+///
+/// Call it first thing in `main`, before any tensor operation and before other threads
+/// start: candle reads the variable once, when its pool is created, and changing the
+/// environment while other threads run is racy.
+///
+/// ```
+/// let setting = tgc_train::tune_cpu_threads();
+/// assert_eq!(setting, std::env::var("CANDLE_NUM_THREADS").ok());
+/// ```
+pub fn tune_cpu_threads() -> Option<String> {
+    if let Ok(v) = std::env::var("CANDLE_NUM_THREADS") {
+        return Some(v);
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores <= SMALL_MACHINE_CORES {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+        return Some("1".into());
+    }
+    None
+}

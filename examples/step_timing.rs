@@ -1,0 +1,104 @@
+//! Wall and CPU time of one training step (forward + backward of the trainable modules on
+//! frozen features, batch 8) for a preset or a JSON config, split by module with
+//! `--profile`. For sizing presets to a machine; the criterion bench
+//! (`cargo bench --bench forward`) is the reference measurement.
+//!
+//! ```sh
+//! cargo run --release --example step_timing -- --preset cpu --steps 3
+//! cargo run --release --example step_timing -- --config my_config.json
+//! ```
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use tgc::model::{TgcConfig, TgcNet, WeightSource};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+struct Args {
+    /// Preset: paper, cpu or tiny.
+    #[arg(long, default_value = "cpu")]
+    preset: String,
+    /// A TgcConfig as JSON (overrides --preset).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Print the configuration as JSON and exit.
+    #[arg(long)]
+    dump: bool,
+}
+
+/// Process CPU time (user + system, all threads) in seconds, from /proc/self/stat.
+fn cpu_s() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn main() -> Result<()> {
+    tgc::train::tune_cpu_threads();
+    let args = Args::parse();
+    let cfg = match &args.config {
+        Some(p) => serde_json::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("parsing {}", p.display()))?,
+        None => TgcConfig::preset(&args.preset)?,
+    };
+    if args.dump {
+        println!("{}", serde_json::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
+    let dev = Device::Cpu;
+    let b = args.batch;
+    let model = TgcNet::load(cfg.clone(), &WeightSource::Random { seed: 0 }, &dev)?;
+    println!(
+        "preset {}: {} trainable parameters",
+        cfg.preset,
+        model.param_counts().trainable
+    );
+    let clip = Tensor::randn(0f32, 1.0, (b, 3, cfg.clip_size, cfg.clip_size), &dev)?;
+    let cnn = Tensor::randn(0f32, 1.0, (b, 3, cfg.cnn_size, cfg.cnn_size), &dev)?;
+    let image = model.towers().encode_images(&clip)?;
+    let prompts: Vec<Vec<String>> = (0..b)
+        .map(|i| {
+            vec![format!(
+                "one infected area, lower {} lung.",
+                ["left", "right"][i % 2]
+            )]
+        })
+        .collect();
+    let (primary, aux) = model.encode_prompts(&prompts, None)?;
+    let target = Tensor::zeros((b, 1, cfg.label_size, cfg.label_size), DType::F32, &dev)?;
+    let step = || -> Result<()> {
+        let logits = model.forward_features(&image, &cnn, &primary, aux.as_ref(), 1, true)?;
+        let loss = tgc::train::dice_bce(&logits, &target, 0.5, 0.5)?;
+        loss.backward()?;
+        Ok(())
+    };
+    step()?;
+    let (t0, c0) = (Instant::now(), cpu_s());
+    for _ in 0..args.steps {
+        step()?;
+    }
+    let n = args.steps as f64;
+    let wall = t0.elapsed().as_secs_f64() / n;
+    println!(
+        "fwd+bwd batch {b}: {wall:.3} s wall, {:.3} s CPU per step ({:.1} img/s)",
+        (cpu_s() - c0) / n,
+        b as f64 / wall
+    );
+    Ok(())
+}
