@@ -53,6 +53,12 @@
 //! With the paper configuration and the CLIP cost channel the decoder has 2,005,473
 //! parameters.
 //!
+//! Every convolution is a [`tgc_nn::MatmulConv`] (the odd "same" kernels) or
+//! [`tgc_nn::MatmulConvTranspose`] (`ConvT(2, 2)`): the same weights, names and results
+//! as `candle_nn::Conv2d` / `ConvTranspose2d`, computed as one matrix product so that the
+//! backward pass on CPU is not candle's naive transposed convolution. The window attention
+//! uses the fused [`tgc_nn::softmax_last_dim`].
+//!
 //! ## Example
 //!
 //! ```
@@ -96,10 +102,9 @@ mod class;
 mod spatial;
 
 use candle_core::{Tensor, D};
-use candle_nn::{
-    Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, VarBuilder,
-};
+use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, GroupNorm, VarBuilder};
 use serde::{Deserialize, Serialize};
+use tgc_nn::{MatmulConv, MatmulConvTranspose};
 
 use class::ClassAggregation;
 pub use spatial::effective_window;
@@ -288,9 +293,9 @@ struct AggregationLayer {
 /// `(Conv3x3 -> GroupNorm -> ReLU) x 2`, convolutions without bias.
 #[derive(Clone, Debug)]
 struct DoubleConv {
-    conv1: Conv2d,
+    conv1: MatmulConv,
     norm1: GroupNorm,
-    conv2: Conv2d,
+    conv2: MatmulConv,
     norm2: GroupNorm,
 }
 
@@ -301,9 +306,9 @@ impl DoubleConv {
             ..Default::default()
         };
         Ok(Self {
-            conv1: candle_nn::conv2d_no_bias(cin, cout, 3, c3, vb.pp("conv1"))?,
+            conv1: tgc_nn::conv2d_no_bias(cin, cout, 3, c3, vb.pp("conv1"))?,
             norm1: candle_nn::group_norm(groups, cout, 1e-5, vb.pp("norm1"))?,
-            conv2: candle_nn::conv2d_no_bias(cout, cout, 3, c3, vb.pp("conv2"))?,
+            conv2: tgc_nn::conv2d_no_bias(cout, cout, 3, c3, vb.pp("conv2"))?,
             norm2: candle_nn::group_norm(groups, cout, 1e-5, vb.pp("norm2"))?,
         })
     }
@@ -318,7 +323,7 @@ impl DoubleConv {
 /// DoubleConv.
 #[derive(Clone, Debug)]
 struct UpStage {
-    convt: ConvTranspose2d,
+    convt: MatmulConvTranspose,
     conv: DoubleConv,
 }
 
@@ -326,13 +331,13 @@ struct UpStage {
 #[derive(Clone, Debug)]
 pub struct CostAggregationDecoder {
     cfg: DecoderConfig,
-    cost_embed: Conv2d,
-    appearance_guidance: Conv2d,
+    cost_embed: MatmulConv,
+    appearance_guidance: MatmulConv,
     text_guidance: tgc_nn::Linear,
     layers: Vec<AggregationLayer>,
-    decoder_guidance: [Conv2d; 2],
+    decoder_guidance: [MatmulConv; 2],
     up: [UpStage; 2],
-    head: Conv2d,
+    head: MatmulConv,
 }
 
 impl CostAggregationDecoder {
@@ -344,10 +349,10 @@ impl CostAggregationDecoder {
             padding: p,
             ..Default::default()
         };
-        let cost_embed = candle_nn::conv2d(cfg.cost_channels(), c, 7, pad(3), vb.pp("cost_embed"))?;
+        let cost_embed = tgc_nn::conv2d(cfg.cost_channels(), c, 7, pad(3), vb.pp("cost_embed"))?;
         let gk = cfg.guidance_kernel;
         let appearance_guidance =
-            candle_nn::conv2d(d, g, gk, pad(gk / 2), vb.pp("appearance_guidance"))?;
+            tgc_nn::conv2d(d, g, gk, pad(gk / 2), vb.pp("appearance_guidance"))?;
         let text_guidance = tgc_nn::linear(d, g, vb.pp("text_guidance"))?;
         let layers = (0..cfg.layers)
             .map(|i| {
@@ -376,8 +381,8 @@ impl CostAggregationDecoder {
             .collect::<Result<Vec<_>>>()?;
         let dg = vb.pp("decoder_guidance");
         let decoder_guidance = [
-            candle_nn::conv2d(d, cfg.f16_proj, gk, pad(gk / 2), dg.pp("0"))?,
-            candle_nn::conv2d(d, cfg.f8_proj, gk, pad(gk / 2), dg.pp("1"))?,
+            tgc_nn::conv2d(d, cfg.f16_proj, gk, pad(gk / 2), dg.pp("0"))?,
+            tgc_nn::conv2d(d, cfg.f8_proj, gk, pad(gk / 2), dg.pp("1"))?,
         ];
         let up_cfg = ConvTranspose2dConfig {
             stride: 2,
@@ -390,7 +395,7 @@ impl CostAggregationDecoder {
             let uvb = vb.pp("up").pp(i);
             let out = cfg.decoder_dims[i];
             up.push(UpStage {
-                convt: candle_nn::conv_transpose2d(
+                convt: tgc_nn::conv_transpose2d(
                     ins[i],
                     cfg.up_channels[i],
                     2,
@@ -403,7 +408,7 @@ impl CostAggregationDecoder {
         let [up0, up1]: [UpStage; 2] = up
             .try_into()
             .map_err(|_| Error::Config("internal: two upsampling stages".into()))?;
-        let head = candle_nn::conv2d(cfg.decoder_dims[1], 1, 3, pad(1), vb.pp("head"))?;
+        let head = tgc_nn::conv2d(cfg.decoder_dims[1], 1, 3, pad(1), vb.pp("head"))?;
         Ok(Self {
             cfg: cfg.clone(),
             cost_embed,

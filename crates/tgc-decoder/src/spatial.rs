@@ -281,7 +281,7 @@ impl SwinBlock {
                 .broadcast_add(&mask.reshape((1, nw, 1, l, l))?)?
                 .reshape((bw, self.heads, l, l))?;
         }
-        let attn = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let attn = tgc_nn::softmax_last_dim(&scores)?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((bw, l, c))?;
         let out = window_reverse(&out, geo, n)?;
         let out = roll(&roll(&out, sh as isize, 1)?, sw as isize, 2)?;

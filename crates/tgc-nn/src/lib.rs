@@ -20,6 +20,11 @@
 //!   gradient than on the matrix product for `B x T x D` inputs), and [`linear_xavier`]:
 //!   one with Xavier-uniform weights and zero bias (the init Deformable DETR and CAT-Seg
 //!   use for their projections).
+//! - [`MatmulConv`] / [`conv2d`] and [`MatmulConvTranspose`] / [`conv_transpose2d`]:
+//!   convolutions ("same" odd kernels, `kernel == stride` patch convolutions, and
+//!   `kernel == stride` transposed convolutions) as an unfold and one matrix product, so
+//!   the backward pass is matrix products too (candle's CPU conv backward and transposed
+//!   convolution are naive loops). Same weights and names as `candle_nn`'s.
 //!
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};
@@ -40,9 +45,14 @@
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
+mod conv;
 mod layer_norm;
 mod linear;
 mod softmax;
+pub use conv::{
+    conv2d, conv2d_no_bias, conv_transpose2d, conv_transpose2d_no_bias, MatmulConv,
+    MatmulConvTranspose,
+};
 pub use linear::{add_bias, Linear};
 pub use softmax::softmax_last_dim;
 
