@@ -62,6 +62,10 @@ struct Args {
     /// Text tower: clip (the paper) or minilm (all-MiniLM-L6-v2 from weights/minilm).
     #[arg(long, default_value = "clip")]
     text_tower: String,
+    /// CLIP vision tower training (Table 4): frozen (the paper), query_value (each
+    /// layer's q and v projections) or full. Fine-tuning disables the image-feature cache.
+    #[arg(long, default_value = "frozen")]
+    clip_finetune: String,
     /// Time budget in minutes: a 5-step probe run (its own model, same feature cache)
     /// measures seconds per step and sets max_steps so training fills about 80% of the
     /// budget (the rest is left for validation). An estimate, not a hard deadline.
@@ -158,6 +162,14 @@ fn run() -> Result<()> {
         }
         o => bail!("unknown text tower {o:?} (expected clip or minilm)"),
     }
+    cfg.clip_finetune =
+        serde_json::from_value(serde_json::Value::String(args.clip_finetune.clone()))
+            .with_context(|| {
+                format!(
+                    "unknown --clip-finetune {:?} (expected frozen, query_value or full)",
+                    args.clip_finetune
+                )
+            })?;
     let train: Arc<dyn SegDataset> = Arc::new(
         LvitDataset::open(&root, Split::Train)
             .with_context(|| format!("opening {}", root.display()))?,

@@ -28,9 +28,9 @@ fn bench(c: &mut Criterion) {
         })
     });
     for (name, pre, aug) in [
-        ("loader_cpu_224_448", Preprocess::cpu(), Augment::off()),
+        ("loader_cpu_112_224", Preprocess::cpu(), Augment::off()),
         (
-            "loader_cpu_224_448_full_aug",
+            "loader_cpu_112_224_full_aug",
             Preprocess::cpu(),
             Augment::full(),
         ),

@@ -49,11 +49,11 @@ impl Default for Preprocess {
 }
 
 impl Preprocess {
-    /// The `cpu` preset: CLIP 224, CNN 448, labels 224.
+    /// The `cpu` preset: CLIP 112, CNN 224 (the datasets' native size), labels 224.
     pub fn cpu() -> Self {
         Self {
-            clip_size: 224,
-            cnn_size: 448,
+            clip_size: 112,
+            cnn_size: 224,
             label_size: 224,
         }
     }

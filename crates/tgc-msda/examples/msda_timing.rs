@@ -85,7 +85,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         t0.elapsed().as_secs_f64() * 1e3 / iters as f64,
         (cpu_ms() - c0) / iters as f64,
     );
-    println!("fused paper b{n}{}: fwd {wf:.1} ms wall / {cf:.1} ms cpu; fwd+bwd {wb:.1} ms wall / {cb:.1} ms cpu",
+    // The op's backward driven directly with the output gradient, as PyTorch's
+    // `out.backward(grad_out)` (no loss graph).
+    let (t0, c0) = (Instant::now(), cpu_ms());
+    for _ in 0..iters {
+        let out = fwd()?;
+        let grads = tgc_msda::ms_deform_attn_backward(
+            value.as_tensor(),
+            &shapes,
+            loc.as_tensor(),
+            attn.as_tensor(),
+            &go,
+        )?;
+        drop((out, grads));
+    }
+    let (wd, cd) = (
+        t0.elapsed().as_secs_f64() * 1e3 / iters as f64,
+        (cpu_ms() - c0) / iters as f64,
+    );
+    println!("fused paper b{n}{}: fwd {wf:.1} ms wall / {cf:.1} ms cpu; fwd+bwd {wb:.1} ms wall / {cb:.1} ms cpu; fwd + op backward {wd:.1} ms wall / {cd:.1} ms cpu",
         if uniform { " uniform" } else { "" });
     Ok(())
 }

@@ -37,7 +37,7 @@ pub use layer::{
     position_embedding_sine, reference_points, MsDeformAttn, MsDeformAttnConfig, MsDeformEncoder,
     MsDeformEncoderLayer,
 };
-pub use op::{has_fused_kernel, ms_deform_attn, Geometry, MsdaImpl};
+pub use op::{has_fused_kernel, ms_deform_attn, ms_deform_attn_backward, Geometry, MsdaImpl};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

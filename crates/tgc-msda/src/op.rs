@@ -175,6 +175,51 @@ pub fn ms_deform_attn(
     Ok(out.reshape((geom.batch, geom.queries, geom.heads * geom.head_dim))?)
 }
 
+/// Gradients of [`ms_deform_attn`] (fused kernel) for a given output gradient, without
+/// autograd: what the op's backward computes when `backward()` reaches it, for callers
+/// that drive the gradient themselves (PyTorch's `out.backward(grad_out)`).
+///
+/// Shapes as in [`ms_deform_attn`]; `grad_output`: `N x Lq x (M Dh)`. Returns the
+/// gradients of `(value, sampling_locations, attention_weights)` in their shapes.
+pub fn ms_deform_attn_backward(
+    value: &Tensor,
+    spatial_shapes: &[(usize, usize)],
+    sampling_locations: &Tensor,
+    attention_weights: &Tensor,
+    grad_output: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let geom =
+        Geometry::from_tensors(value, spatial_shapes, sampling_locations, attention_weights)?;
+    if !has_fused_kernel(value.device()) {
+        return Err(Error::Unsupported(format!(
+            "no fused ms_deform_attn kernel for device {:?}",
+            value.device().location()
+        )));
+    }
+    let want = [geom.batch, geom.queries, geom.heads * geom.head_dim];
+    if grad_output.dims() != want {
+        return Err(Error::Shape(format!(
+            "grad_output must be N x Lq x (M Dh) = {want:?}, got {:?}",
+            grad_output.dims()
+        )));
+    }
+    let op = MsDeformAttnOp { geom };
+    let (gv, gl, ga) = candle_core::CustomOp3::bwd(
+        &op,
+        &value.contiguous()?,
+        &sampling_locations.contiguous()?,
+        &attention_weights.contiguous()?,
+        grad_output,
+        &grad_output.reshape(op.geom.out_shape())?,
+    )?;
+    let missing = || Error::Unsupported("fused backward returned no gradient".into());
+    Ok((
+        gv.ok_or_else(missing)?,
+        gl.ok_or_else(missing)?,
+        ga.ok_or_else(missing)?,
+    ))
+}
+
 /// Whether [`MsdaImpl::Auto`] picks the fused kernel on this device.
 pub fn has_fused_kernel(dev: &candle_core::Device) -> bool {
     match dev {

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{case, max_abs_diff, Case, Rng};
-use tgc_msda::{ms_deform_attn, MsdaImpl};
+use tgc_msda::{ms_deform_attn, ms_deform_attn_backward, MsdaImpl};
 
 /// (batch, levels, heads, head dim, queries, points, location range)
 type Spec = (
@@ -157,6 +157,31 @@ fn composite_gradients_match_fused() {
             }
         }
     }
+}
+
+#[test]
+fn explicit_backward_matches_composite_autograd() {
+    let mut rng = Rng::new(4);
+    for (n, shapes, m, dh, lq, p, (lo, hi)) in specs() {
+        let c = case(&mut rng, n, &shapes, m, dh, lq, p, lo, hi, DType::F64);
+        let g = rng.uniform(&[n, lq, m * dh], -1.0, 1.0, DType::F64);
+        let (gv, gl, ga) =
+            ms_deform_attn_backward(&c.value, &c.shapes, &c.loc, &c.attn, &g).unwrap();
+        let comp = grads(&c, &g, MsdaImpl::Composite);
+        for (i, (name, ours)) in [("value", gv), ("locations", gl), ("weights", ga)]
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(ours.dims(), comp[i].dims(), "{name} shape");
+            let d = max_abs_diff(ours, &comp[i]);
+            assert!(d < 1e-10, "{name} grads differ by {d} ({shapes:?})");
+        }
+    }
+    // A wrong output-gradient shape is an error, not a panic.
+    let c = case(&mut rng, 1, &[(3, 3)], 2, 4, 5, 2, 0.0, 1.0, DType::F32);
+    let bad = Tensor::zeros((1, 5, 7), DType::F32, &Device::Cpu).unwrap();
+    let e = ms_deform_attn_backward(&c.value, &c.shapes, &c.loc, &c.attn, &bad).unwrap_err();
+    assert!(e.to_string().contains("grad_output"), "{e}");
 }
 
 #[test]
