@@ -38,7 +38,7 @@ struct Args {
     /// pretrained CLIP is reachable offline).
     #[arg(long, default_value = "random")]
     clip_weights: String,
-    /// Epochs (default: 8 on phantoms, 100 with early stopping on real data).
+    /// Epochs (default: 10 on phantoms, 100 with early stopping on real data).
     #[arg(long)]
     epochs: Option<usize>,
     /// Peak learning rate (default: the paper's 5e-4 for MosMedData+; 3e-3 on phantoms).
@@ -112,7 +112,7 @@ fn main() -> Result<()> {
             let val: Arc<dyn SegDataset> =
                 Arc::new(SyntheticPhantoms::new(PhantomKind::CtSlice, 128, 2, size));
             let tc = TrainConfig {
-                epochs: args.epochs.unwrap_or(8),
+                epochs: args.epochs.unwrap_or(10),
                 lr: args.lr.unwrap_or(3e-3),
                 patience: 0,
                 ..TrainConfig::for_dataset("mosmed")
