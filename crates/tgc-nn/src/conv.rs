@@ -217,13 +217,6 @@ fn fold_cpu<T: Elem>(cols: &[T], b: usize, g: &Geometry) -> Vec<T> {
     dx
 }
 
-fn contiguous<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input must be contiguous")))?;
-    Ok(&v[a..b])
-}
-
 /// `B x c x h x w` -> `B x rows x (ho * wo)`; backward: [`Fold`].
 struct Unfold(Geometry);
 
@@ -236,8 +229,16 @@ impl CustomOp1 for Unfold {
         let g = &self.0;
         let b = l.dims()[0];
         let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(unfold_cpu(contiguous(x, l, "unfold")?, b, g)),
-            CpuStorage::F64(x) => CpuStorage::F64(unfold_cpu(contiguous(x, l, "unfold")?, b, g)),
+            CpuStorage::F32(x) => CpuStorage::F32(unfold_cpu(
+                crate::contiguous_slice(x, l, "unfold: input")?,
+                b,
+                g,
+            )),
+            CpuStorage::F64(x) => CpuStorage::F64(unfold_cpu(
+                crate::contiguous_slice(x, l, "unfold: input")?,
+                b,
+                g,
+            )),
             _ => candle_core::bail!("unfold: only f32 and f64 are supported"),
         };
         Ok((out, Shape::from((b, g.rows(), g.n()))))
@@ -263,8 +264,16 @@ impl CustomOp1 for Fold {
         let g = &self.0;
         let b = l.dims()[0];
         let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(fold_cpu(contiguous(x, l, "fold")?, b, g)),
-            CpuStorage::F64(x) => CpuStorage::F64(fold_cpu(contiguous(x, l, "fold")?, b, g)),
+            CpuStorage::F32(x) => CpuStorage::F32(fold_cpu(
+                crate::contiguous_slice(x, l, "fold: input")?,
+                b,
+                g,
+            )),
+            CpuStorage::F64(x) => CpuStorage::F64(fold_cpu(
+                crate::contiguous_slice(x, l, "fold: input")?,
+                b,
+                g,
+            )),
             _ => candle_core::bail!("fold: only f32 and f64 are supported"),
         };
         Ok((out, Shape::from((b, g.c, g.h, g.w))))

@@ -141,13 +141,6 @@ fn backward<T: Float>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
     out
 }
 
-fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("layer_norm: {what} must be contiguous")))?;
-    Ok(&v[a..b])
-}
-
 struct LayerNormOp {
     eps: f64,
 }
@@ -169,17 +162,17 @@ impl CustomOp3 for LayerNormOp {
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
                 CpuStorage::F32(forward(
-                    contiguous(x, l1, "input")?,
-                    contiguous(w, l2, "weight")?,
-                    contiguous(b, l3, "bias")?,
+                    crate::contiguous_slice(x, l1, "layer_norm: input")?,
+                    crate::contiguous_slice(w, l2, "layer_norm: weight")?,
+                    crate::contiguous_slice(b, l3, "layer_norm: bias")?,
                     self.eps,
                 ))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
                 CpuStorage::F64(forward(
-                    contiguous(x, l1, "input")?,
-                    contiguous(w, l2, "weight")?,
-                    contiguous(b, l3, "bias")?,
+                    crate::contiguous_slice(x, l1, "layer_norm: input")?,
+                    crate::contiguous_slice(w, l2, "layer_norm: weight")?,
+                    crate::contiguous_slice(b, l3, "layer_norm: bias")?,
                     self.eps,
                 ))
             }
@@ -228,17 +221,17 @@ impl CustomOp3 for LayerNormBackward {
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
                 CpuStorage::F32(backward(
-                    contiguous(x, l1, "input")?,
-                    contiguous(w, l2, "weight")?,
-                    contiguous(g, l3, "gradient")?,
+                    crate::contiguous_slice(x, l1, "layer_norm: input")?,
+                    crate::contiguous_slice(w, l2, "layer_norm: weight")?,
+                    crate::contiguous_slice(g, l3, "layer_norm: gradient")?,
                     self.eps,
                 ))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
                 CpuStorage::F64(backward(
-                    contiguous(x, l1, "input")?,
-                    contiguous(w, l2, "weight")?,
-                    contiguous(g, l3, "gradient")?,
+                    crate::contiguous_slice(x, l1, "layer_norm: input")?,
+                    crate::contiguous_slice(w, l2, "layer_norm: weight")?,
+                    crate::contiguous_slice(g, l3, "layer_norm: gradient")?,
                     self.eps,
                 ))
             }

@@ -45,6 +45,19 @@
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
+/// The elements of a contiguous CPU tensor's storage; `what` names the tensor in the
+/// error (the fused kernels below only take contiguous inputs).
+pub(crate) fn contiguous_slice<'a, T>(
+    v: &'a [T],
+    l: &candle_core::Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))?;
+    Ok(&v[a..b])
+}
+
 mod conv;
 mod layer_norm;
 mod linear;

@@ -78,13 +78,6 @@ pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("add_bias: inputs must be contiguous".into()))?;
-    Ok(&v[a..b])
-}
-
 struct AddBias;
 
 fn add_rows<T: Copy + Send + Sync + std::ops::Add<Output = T>>(y: &[T], b: &[T]) -> Vec<T> {
@@ -113,12 +106,14 @@ impl CustomOp2 for AddBias {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = match (s1, s2) {
-            (CpuStorage::F32(y), CpuStorage::F32(b)) => {
-                CpuStorage::F32(add_rows(contiguous(y, l1)?, contiguous(b, l2)?))
-            }
-            (CpuStorage::F64(y), CpuStorage::F64(b)) => {
-                CpuStorage::F64(add_rows(contiguous(y, l1)?, contiguous(b, l2)?))
-            }
+            (CpuStorage::F32(y), CpuStorage::F32(b)) => CpuStorage::F32(add_rows(
+                crate::contiguous_slice(y, l1, "add_bias: input")?,
+                crate::contiguous_slice(b, l2, "add_bias: bias")?,
+            )),
+            (CpuStorage::F64(y), CpuStorage::F64(b)) => CpuStorage::F64(add_rows(
+                crate::contiguous_slice(y, l1, "add_bias: input")?,
+                crate::contiguous_slice(b, l2, "add_bias: bias")?,
+            )),
             _ => candle_core::bail!("add_bias: only f32 and f64 are supported"),
         };
         Ok((out, l1.shape().clone()))
@@ -171,8 +166,14 @@ impl candle_core::CustomOp1 for ColumnSum {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match s {
-            CpuStorage::F32(g) => CpuStorage::F32(column_sum(contiguous(g, l)?, self.n)),
-            CpuStorage::F64(g) => CpuStorage::F64(column_sum(contiguous(g, l)?, self.n)),
+            CpuStorage::F32(g) => CpuStorage::F32(column_sum(
+                crate::contiguous_slice(g, l, "add_bias backward: gradient")?,
+                self.n,
+            )),
+            CpuStorage::F64(g) => CpuStorage::F64(column_sum(
+                crate::contiguous_slice(g, l, "add_bias backward: gradient")?,
+                self.n,
+            )),
             _ => candle_core::bail!("add_bias backward: only f32 and f64 are supported"),
         };
         Ok((out, Shape::from(self.n)))
