@@ -30,7 +30,17 @@
 //!   when one window covers an axis that axis is not shifted (as CAT-Seg does).
 //! - **Class axis.** Not padded (CAT-Seg's `pad_len = 256` learnable tokens would swamp a
 //!   single referring prompt); K = 1 works and the class attention then reduces to its
-//!   value path.
+//!   value path. Note what that means for TGC-Net's one-report-per-image use: with K = 1
+//!   the text guidance of the class attention has no effect (linear attention over one
+//!   token returns its value), so the text reaches the logits only through the cosine
+//!   cost channel and the VLCM-calibrated appearance guidance, both at `1/32` scale.
+//! - **Text FiLM** (`text_film`, off by default; our addition, not in the paper or
+//!   CAT-Seg). Zero-initialised per-channel scale and shift from the normalised text
+//!   vector on the cost embedding and on both upsampling DoubleConvs (before their last
+//!   ReLU). It gives the report a direct route to the `1/16` and `1/8` features; the
+//!   `cpu` preset turns it on because a small model trained from scratch otherwise finds
+//!   the image-only "segment every lesion" solution first and never opens the text route
+//!   (see docs/results.md). Parameters `text_film.{cost, up.0, up.1}.{weight, bias}`.
 //! - **Pooling.** `class_pool x class_pool` average pooling before the class attention.
 //!   With an odd grid the trailing row/column is left out of the pooled map (PyTorch's
 //!   `AvgPool2d` floor rule) but still receives the upsampled update; grids smaller than
@@ -180,6 +190,12 @@ pub struct DecoderConfig {
     pub dropout: f32,
     /// LayerNorm epsilon (1e-5).
     pub ln_eps: f64,
+    /// Text FiLM (false; **not in the paper**): scale and shift the cost embedding and
+    /// the output of both upsampling DoubleConvs per channel by linear maps of the
+    /// L2-normalised text vector, `x * (1 + gamma(t)) + beta(t)`, zero-initialised so the
+    /// decoder starts as without it. See the crate docs for why single-prompt training
+    /// needs it.
+    pub text_film: bool,
 }
 
 impl Default for DecoderConfig {
@@ -203,6 +219,7 @@ impl Default for DecoderConfig {
             group_norm_channels: 16,
             dropout: 0.0,
             ln_eps: 1e-5,
+            text_film: false,
         }
     }
 }
@@ -313,9 +330,61 @@ impl DoubleConv {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `film`: per-row `(gamma, beta)`, each `N x C`, applied after the second norm.
+    fn forward(&self, x: &Tensor, film: Option<&(Tensor, Tensor)>) -> Result<Tensor> {
         let x = x.apply(&self.conv1)?.apply(&self.norm1)?.relu()?;
-        Ok(x.apply(&self.conv2)?.apply(&self.norm2)?.relu()?)
+        let x = x.apply(&self.conv2)?.apply(&self.norm2)?;
+        let x = match film {
+            Some((gamma, beta)) => {
+                let (n, c) = gamma.dims2()?;
+                film_apply(
+                    &x,
+                    &gamma.reshape((n, c, 1, 1))?,
+                    &beta.reshape((n, c, 1, 1))?,
+                )?
+            }
+            None => x,
+        };
+        Ok(x.relu()?)
+    }
+}
+
+/// `x * (1 + gamma) + beta` with `gamma` and `beta` broadcast over `x`.
+fn film_apply(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+    Ok((x.broadcast_mul(&(gamma + 1.0)?)?.broadcast_add(beta))?)
+}
+
+/// The text FiLM maps ([`DecoderConfig::text_film`]): one zero-initialised
+/// `Linear(D -> 2 C)` per modulated feature, output split into `(gamma, beta)`.
+#[derive(Clone, Debug)]
+struct TextFilm {
+    cost: tgc_nn::Linear,
+    up: [tgc_nn::Linear; 2],
+}
+
+impl TextFilm {
+    fn new(d: usize, channels: [usize; 3], vb: VarBuilder) -> Result<Self> {
+        // Zero weights: the decoder starts exactly as without FiLM, and the weights still
+        // get a gradient (d out / d gamma = x).
+        let zero_linear = |cout: usize, vb: VarBuilder| -> Result<tgc_nn::Linear> {
+            let w = vb.get_with_hints((2 * cout, d), "weight", candle_nn::Init::Const(0.0))?;
+            let b = vb.get_with_hints(2 * cout, "bias", candle_nn::Init::Const(0.0))?;
+            Ok(tgc_nn::Linear::new(w, Some(b)))
+        };
+        Ok(Self {
+            cost: zero_linear(channels[0], vb.pp("cost"))?,
+            up: [
+                zero_linear(channels[1], vb.pp("up").pp(0))?,
+                zero_linear(channels[2], vb.pp("up").pp(1))?,
+            ],
+        })
+    }
+
+    /// `text`: normalised text vectors `N x D` -> `(gamma, beta)`, each `N x C`.
+    fn params(layer: &tgc_nn::Linear, text: &Tensor) -> Result<(Tensor, Tensor)> {
+        let gb = text.apply(layer)?;
+        let c = gb.dim(1)? / 2;
+        Ok((gb.narrow(1, 0, c)?, gb.narrow(1, c, c)?))
     }
 }
 
@@ -338,6 +407,7 @@ pub struct CostAggregationDecoder {
     decoder_guidance: [MatmulConv; 2],
     up: [UpStage; 2],
     head: MatmulConv,
+    text_film: Option<TextFilm>,
 }
 
 impl CostAggregationDecoder {
@@ -409,6 +479,15 @@ impl CostAggregationDecoder {
             .try_into()
             .map_err(|_| Error::Config("internal: two upsampling stages".into()))?;
         let head = tgc_nn::conv2d(cfg.decoder_dims[1], 1, 3, pad(1), vb.pp("head"))?;
+        let text_film = if cfg.text_film {
+            Some(TextFilm::new(
+                d,
+                [c, cfg.decoder_dims[0], cfg.decoder_dims[1]],
+                vb.pp("text_film"),
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             cfg: cfg.clone(),
             cost_embed,
@@ -418,6 +497,7 @@ impl CostAggregationDecoder {
             decoder_guidance,
             up: [up0, up1],
             head,
+            text_film,
         })
     }
 
@@ -512,6 +592,16 @@ impl CostAggregationDecoder {
         let mut x = nhwc(cost.apply(&self.cost_embed)?)?;
         let appearance = nhwc(vision.apply(&self.appearance_guidance)?.relu()?)?;
         let tn = text.broadcast_div(&(text.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?)?;
+        let tn_rows = tn.reshape((bk, d))?;
+        if let Some(film) = &self.text_film {
+            let (gamma, beta) = TextFilm::params(&film.cost, &tn_rows)?;
+            let c = gamma.dim(1)?;
+            x = film_apply(
+                &x,
+                &gamma.reshape((bk, 1, 1, c))?,
+                &beta.reshape((bk, 1, 1, c))?,
+            )?;
+        }
         let text_g = tn.apply(&self.text_guidance)?.relu()?;
 
         // 3. Aggregation.
@@ -530,7 +620,13 @@ impl CostAggregationDecoder {
                 .broadcast_as((b, k, gc, gh, gw))?
                 .reshape((bk, gc, gh, gw))?;
             let up = x.apply(&self.up[i].convt)?;
-            x = self.up[i].conv.forward(&Tensor::cat(&[up, g], 1)?)?;
+            let film = match &self.text_film {
+                Some(f) => Some(TextFilm::params(&f.up[i], &tn_rows)?),
+                None => None,
+            };
+            x = self.up[i]
+                .conv
+                .forward(&Tensor::cat(&[up, g], 1)?, film.as_ref())?;
         }
         let logits = x.apply(&self.head)?;
         Ok(logits.reshape((b, k, 4 * h, 4 * w))?)

@@ -36,6 +36,7 @@ fn tiny(use_clip_cost: bool) -> DecoderConfig {
         group_norm_channels: 4,
         dropout: 0.0,
         ln_eps: 1e-5,
+        text_film: false,
     }
 }
 
@@ -45,6 +46,10 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> R<f32> {
 }
 
 fn check_case(case: &str, use_clip: bool) -> R<()> {
+    check_case_cfg(case, use_clip, tiny(use_clip))
+}
+
+fn check_case_cfg(case: &str, use_clip: bool, cfg: DecoderConfig) -> R<()> {
     let dev = Device::Cpu;
     let path = fixture_path();
     let t: HashMap<String, Tensor> = candle_core::safetensors::load(&path, &dev)?;
@@ -55,7 +60,7 @@ fn check_case(case: &str, use_clip: bool) -> R<()> {
     };
     // SAFETY: the fixture file is committed and not modified while mapped.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &dev)? };
-    let dec = CostAggregationDecoder::new(&tiny(use_clip), vb.pp(case))?;
+    let dec = CostAggregationDecoder::new(&cfg, vb.pp(case))?;
     let (vision, text, f16, f8) = (
         get("input.vision")?,
         get("input.text")?,
@@ -91,6 +96,68 @@ fn matches_pytorch_reference_square_grid_k3() -> R<()> {
 #[test]
 fn matches_pytorch_reference_odd_grid_k1() -> R<()> {
     check_case("b", false)
+}
+
+/// B=2, K=1 with the text FiLM (random, non-zero FiLM weights in the fixture).
+#[test]
+fn matches_pytorch_reference_with_text_film() -> R<()> {
+    let cfg = DecoderConfig {
+        text_film: true,
+        ..tiny(true)
+    };
+    check_case_cfg("c", true, cfg)
+}
+
+/// Zero-initialised FiLM: a decoder with `text_film` computes exactly what the same
+/// weights compute without it.
+#[test]
+fn text_film_starts_as_the_plain_decoder() -> R<()> {
+    let dev = Device::Cpu;
+    let film_cfg = DecoderConfig {
+        text_film: true,
+        ..tiny(true)
+    };
+    let vm_film = VarMap::new();
+    let dec_film = CostAggregationDecoder::new(
+        &film_cfg,
+        VarBuilder::from_varmap(&vm_film, DType::F32, &dev),
+    )?;
+    let vm_plain = VarMap::new();
+    let dec_plain = CostAggregationDecoder::new(
+        &tiny(true),
+        VarBuilder::from_varmap(&vm_plain, DType::F32, &dev),
+    )?;
+    {
+        let film = vm_film.data().lock().unwrap();
+        let plain = vm_plain.data().lock().unwrap();
+        assert_eq!(
+            film.len(),
+            plain.len() + 6,
+            "three FiLM linears (weight + bias)"
+        );
+        for (name, var) in plain.iter() {
+            var.set(film[name].as_tensor())?;
+        }
+        for (name, var) in film.iter().filter(|(n, _)| n.starts_with("text_film.")) {
+            let m = var
+                .as_tensor()
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert_eq!(m, 0.0, "{name} is not zero-initialised");
+        }
+    }
+    let (b, k, h, w, d) = (2, 2, 8, 8, 16);
+    let vision = Tensor::randn(0f32, 1.0, (b * k, d, h, w), &dev)?;
+    let text = Tensor::randn(0f32, 1.0, (b, k, d), &dev)?;
+    let f16 = Tensor::randn(0f32, 1.0, (b, d, 2 * h, 2 * w), &dev)?;
+    let f8 = Tensor::randn(0f32, 1.0, (b, d, 4 * h, 4 * w), &dev)?;
+    let clip = Tensor::randn(0f32, 0.3, (b, k, h, w), &dev)?;
+    let a = dec_film.forward(&vision, &text, &f16, &f8, Some(&clip), false)?;
+    let p = dec_plain.forward(&vision, &text, &f16, &f8, Some(&clip), false)?;
+    assert_eq!(max_abs_diff(&a, &p)?, 0.0);
+    Ok(())
 }
 
 /// Cosine channel against arithmetic done by hand.
@@ -155,7 +222,15 @@ fn formula_count(cfg: &DecoderConfig) -> usize {
         })
         .sum();
     let head = cfg.decoder_dims[1] * 9 + 1;
-    front + layers + guid + stages + head
+    let film = if cfg.text_film {
+        [c, cfg.decoder_dims[0], cfg.decoder_dims[1]]
+            .iter()
+            .map(|&ch| d * 2 * ch + 2 * ch)
+            .sum()
+    } else {
+        0
+    };
+    front + layers + guid + stages + head + film
 }
 
 fn varmap_count(cfg: &DecoderConfig) -> R<usize> {
@@ -187,16 +262,38 @@ fn parameter_count_matches_formula() -> R<()> {
         ..tiny(false)
     };
     assert_eq!(varmap_count(&k1)?, formula_count(&k1));
+    let film = DecoderConfig {
+        text_film: true,
+        ..tiny(true)
+    };
+    assert_eq!(varmap_count(&film)?, formula_count(&film));
     Ok(())
 }
 
 /// Every parameter and the `vision` input get a finite, non-zero gradient.
 fn gradient_flow(b: usize, k: usize, h: usize, w: usize, use_clip: bool, gk: usize) -> R<()> {
+    gradient_flow_cfg(
+        b,
+        k,
+        h,
+        w,
+        use_clip,
+        DecoderConfig {
+            guidance_kernel: gk,
+            ..tiny(use_clip)
+        },
+    )
+}
+
+fn gradient_flow_cfg(
+    b: usize,
+    k: usize,
+    h: usize,
+    w: usize,
+    use_clip: bool,
+    cfg: DecoderConfig,
+) -> R<()> {
     let dev = Device::Cpu;
-    let cfg = DecoderConfig {
-        guidance_kernel: gk,
-        ..tiny(use_clip)
-    };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let dec = CostAggregationDecoder::new(&cfg, vb)?;
@@ -250,6 +347,16 @@ fn every_parameter_gets_gradient_k2_with_clip_cost() -> R<()> {
 #[test]
 fn every_parameter_gets_gradient_k1_without_clip_cost_1x1_guidance() -> R<()> {
     gradient_flow(2, 1, 6, 9, false, 1)
+}
+
+/// The zero-initialised FiLM weights still get a gradient (d out / d gamma = x).
+#[test]
+fn every_parameter_gets_gradient_k1_with_text_film() -> R<()> {
+    let cfg = DecoderConfig {
+        text_film: true,
+        ..tiny(true)
+    };
+    gradient_flow_cfg(2, 1, 8, 8, true, cfg)
 }
 
 /// The paper grid (24, windows of 12) and the CPU preset grid (14, windows of 7) run at

@@ -216,6 +216,9 @@ impl TgcConfig {
                 window: 7,
                 up_channels: [64, 32],
                 decoder_dims: [48, 24],
+                // Not in the paper: from scratch on CPU the text route does not open
+                // without it (docs/results.md, QaTa-COV19 and the phantoms).
+                text_film: true,
                 ..DecoderConfig::default()
             },
             image_only: false,
