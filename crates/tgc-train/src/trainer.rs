@@ -415,6 +415,10 @@ pub struct EpochRecord {
     pub epoch_seconds: f64,
     /// Learning rate at the end of the epoch.
     pub lr: f64,
+    /// The run stopped inside this epoch (`max_steps`); the numbers cover the batches
+    /// trained in it before the stop.
+    #[serde(default)]
+    pub partial: bool,
 }
 
 /// The outcome of [`Trainer::fit`].
@@ -664,24 +668,15 @@ impl<'a> Trainer<'a> {
             self.store.flush()?;
             let stopped_early = self.cfg.max_steps.is_some_and(|m| self.opt.steps() >= m)
                 && self.batch_in_epoch < per_epoch;
-            if stopped_early {
-                // Mid-epoch stop: keep the position for an exact resume, and score the
-                // weights reached so the run reports a result (the early-stopping state is
-                // left alone: only whole epochs count for it).
-                self.save(&self.last_checkpoint())?;
-                let (summary, _) = self.validate()?;
-                if summary.dice > self.best {
-                    self.best = summary.dice;
-                    self.save(&self.best_checkpoint())?;
-                }
-                break 'epochs;
-            }
             let seconds = start.elapsed().as_secs_f64();
-            self.epoch += 1;
-            self.batch_in_epoch = 0;
+            if !stopped_early {
+                self.epoch += 1;
+                self.batch_in_epoch = 0;
+            }
             let (summary, _) = self.validate()?;
             let rec = EpochRecord {
-                epoch: self.epoch,
+                // The epoch in progress for a mid-epoch stop.
+                epoch: self.epoch + usize::from(stopped_early),
                 step: self.opt.steps(),
                 train_loss: if n_batches > 0 {
                     loss_sum / n_batches as f64
@@ -694,12 +689,14 @@ impl<'a> Trainer<'a> {
                 images_per_sec: n_images as f64 / seconds.max(1e-9),
                 epoch_seconds: seconds,
                 lr: self.schedule.lr_at(self.opt.steps()),
+                partial: stopped_early,
             };
             log.write(&rec)?;
             if self.cfg.progress {
                 eprintln!(
-                    "epoch {} step {}: loss {:.4}, val Dice {:.2} mIoU {:.2} (micro Dice {:.2}), {:.1} img/s",
+                    "epoch {}{} step {}: loss {:.4}, val Dice {:.2} mIoU {:.2} (micro Dice {:.2}), {:.1} img/s",
                     rec.epoch,
+                    if rec.partial { " (partial)" } else { "" },
                     rec.step,
                     rec.train_loss,
                     100.0 * rec.val_dice,
@@ -709,6 +706,22 @@ impl<'a> Trainer<'a> {
                 );
             }
             records.push(rec);
+            if stopped_early {
+                // Mid-epoch stop: keep the position for an exact resume, and keep the
+                // weights reached if they are the best (the early-stopping state is left
+                // alone: only whole epochs count for it).
+                self.save(&self.last_checkpoint())?;
+                if summary.dice > self.best {
+                    self.best = summary.dice;
+                    self.save(&self.best_checkpoint())?;
+                }
+                let _ = crate::plot_curves_from_jsonl(
+                    &log_path,
+                    self.out_dir.join("curves.png"),
+                    &crate::PlotConfig::default(),
+                );
+                break 'epochs;
+            }
             let verdict = self.early.update(self.epoch as u64, summary.dice);
             if summary.dice > self.best {
                 self.best = summary.dice;
