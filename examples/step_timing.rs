@@ -100,5 +100,24 @@ fn main() -> Result<()> {
         (cpu_s() - c0) / n,
         b as f64 / wall
     );
+    // What an uncached step adds: the frozen CLIP image features of the batch, one image
+    // at a time as the trainer's feature store computes them, and as one batch.
+    let (t0, c0) = (Instant::now(), cpu_s());
+    for _ in 0..args.steps {
+        for i in 0..b {
+            model.towers().encode_images(&clip.narrow(0, i, 1)?)?;
+        }
+    }
+    let one = t0.elapsed().as_secs_f64() / n;
+    let one_cpu = (cpu_s() - c0) / n;
+    let t0 = Instant::now();
+    for _ in 0..args.steps {
+        model.towers().encode_images(&clip)?;
+    }
+    let batched = t0.elapsed().as_secs_f64() / n;
+    println!(
+        "frozen CLIP image features for {b} images: {one:.3} s wall, {one_cpu:.3} s CPU \
+         one at a time; {batched:.3} s wall as one batch"
+    );
     Ok(())
 }

@@ -79,6 +79,10 @@ struct Args {
     /// Resume from the run's last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Override the preset's text FiLM in the decoder (`true` or `false`; the `cpu`
+    /// preset has it on, `paper` and `tiny` off). Not in the paper: see tgc-decoder.
+    #[arg(long)]
+    text_film: Option<bool>,
 }
 
 fn weights(spec: &str) -> WeightSource {
@@ -154,6 +158,9 @@ fn run() -> Result<()> {
     let mut cfg = TgcConfig::preset(&args.preset)?;
     if let Some(s) = args.label_size {
         cfg.label_size = s;
+    }
+    if let Some(f) = args.text_film {
+        cfg.decoder.text_film = f;
     }
     match args.text_tower.as_str() {
         "clip" => {}
@@ -252,6 +259,8 @@ fn run() -> Result<()> {
     let tc = TrainConfig {
         epochs: args.epochs,
         max_steps,
+        // A time budget fixes the number of steps: plan the schedule over them.
+        schedule_steps: args.minutes.and(max_steps),
         lr: args.lr,
         cache_dir: Some(args.out.join("feature-cache")),
         ..TrainConfig::for_dataset("qata")

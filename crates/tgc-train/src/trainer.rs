@@ -52,6 +52,11 @@ pub struct TrainConfig {
     /// Stop after this many optimiser steps in total (an interruption: the schedule is
     /// still planned over `epochs`, so a resumed run continues it exactly).
     pub max_steps: Option<u64>,
+    /// Plan the warm-up + cosine schedule over this many steps instead of
+    /// `epochs x batches per epoch` (None). Set it with `max_steps` for a run with a
+    /// fixed step budget (e.g. a time budget), so the learning rate reaches its peak and
+    /// decays within the budget.
+    pub schedule_steps: Option<u64>,
     /// Images per batch (8).
     pub batch_size: usize,
     /// Peak learning rate (2e-5 QaTa-COV19, 5e-4 MosMedData+, 2e-4 abdominal CT).
@@ -88,6 +93,7 @@ impl Default for TrainConfig {
         Self {
             epochs: 100,
             max_steps: None,
+            schedule_steps: None,
             batch_size: 8,
             lr: 2e-5,
             weight_decay: 1e-4,
@@ -485,9 +491,13 @@ impl<'a> Trainer<'a> {
         )
         .with_drop_last(false);
         let per_epoch = loader.num_batches() as u64;
-        // The schedule is planned over the epochs; `max_steps` only interrupts the run, so
-        // an interrupted run and its resumption follow the same learning rates.
-        let total = (per_epoch * cfg.epochs as u64).max(1);
+        // The schedule is planned over the epochs (or `schedule_steps`); `max_steps` only
+        // interrupts the run, so an interrupted run and its resumption follow the same
+        // learning rates.
+        let total = cfg
+            .schedule_steps
+            .unwrap_or(per_epoch * cfg.epochs as u64)
+            .max(1);
         let warmup = ((total as f64) * cfg.warmup_frac).round() as u64;
         let schedule = WarmupCosine::new(cfg.lr, warmup, total, cfg.lr * cfg.min_lr_frac)?;
         let opt = AdamW::new(

@@ -166,3 +166,54 @@ fn text_guided_model_beats_the_image_only_one() {
         s_img.best_val_dice
     );
 }
+
+/// `schedule_steps` plans warm-up + cosine over a step budget: a run stopped by
+/// `max_steps` at the same count ends at the minimum learning rate (without it the
+/// schedule spans `epochs` and the run would still be warming up). The stop is mid-epoch,
+/// so its record is marked partial and lands in metrics.jsonl.
+#[test]
+fn schedule_steps_fits_the_schedule_into_a_step_budget() {
+    let cfg = TgcConfig::tiny();
+    let pre = preprocess(&cfg);
+    let dir = tempfile::tempdir().unwrap();
+    let run = |schedule_steps: Option<u64>, name: &str| {
+        let m = model(&cfg);
+        let tc = TrainConfig {
+            epochs: 100,
+            schedule_steps,
+            ..quiet(4)
+        };
+        let out = dir.path().join(name);
+        let summary = Trainer::new(
+            &m,
+            tc.clone(),
+            phantoms(24, 1, cfg.label_size),
+            phantoms(4, 2, cfg.label_size),
+            pre,
+            &out,
+        )
+        .unwrap()
+        .fit()
+        .unwrap();
+        (tc, summary, out)
+    };
+    let (tc, planned, out) = run(Some(4), "planned");
+    let last = planned
+        .epochs
+        .last()
+        .expect("a record for the partial epoch");
+    assert!(last.partial && last.step == 4, "{last:?}");
+    let min_lr = tc.lr * tc.min_lr_frac;
+    assert!(
+        (last.lr - min_lr).abs() < 1e-12,
+        "lr {} vs {min_lr}",
+        last.lr
+    );
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 1);
+    assert!(log.contains("\"partial\":true"), "{log}");
+    // Without it: 6 batches x 100 epochs, 5% warm-up = 30 steps, so step 4 is warming up.
+    let (_, unplanned, _) = run(None, "unplanned");
+    let lr = unplanned.epochs.last().unwrap().lr;
+    assert!(lr < 0.2 * tc.lr, "still warming up: {lr}");
+}
