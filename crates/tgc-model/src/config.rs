@@ -163,11 +163,13 @@ impl TgcConfig {
     /// 224 px image (pyramid 28^2, 14^2, 7^2), TinyCLIP-ViT-8M-16 reads it at 112 px so
     /// that its 7x7 token grid meets the CNN's 1/32 level (position embeddings
     /// interpolated from 14x14), D = 64, two MSDeformAttn layers (FFN 256), labels at
-    /// 224 px. About 0.83M trainable parameters and 8 images/s of training on two cores
+    /// 224 px, and the decoder's text FiLM (not in the paper: with one report per image
+    /// the class attention cannot see the text, and without it the model trained from
+    /// scratch ignored the reports; docs/results.md). About 0.84M trainable parameters
+    /// and 8 images/s of training on two cores
     /// (`cargo run --release --example step_timing -- --preset cpu`); the first version
     /// (CNN at 448 px, D = 128, three layers) ran at 0.5-0.7 images/s. Trained from
-    /// random CLIP weights it needs a learning rate around 3e-3 to start using the text
-    /// (docs/results.md).
+    /// random CLIP weights it wants a learning rate around 1e-3 to 3e-3.
     pub fn cpu() -> Self {
         let d = 64;
         let sse = SseConfig::cpu();
