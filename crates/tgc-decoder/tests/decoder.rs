@@ -45,6 +45,25 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> R<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
+/// Random decoder inputs `(vision, text, f16, f8, clip_cost)` for B images, K prompts,
+/// an `h x w` grid and width `d`.
+fn random_inputs(
+    b: usize,
+    k: usize,
+    h: usize,
+    w: usize,
+    d: usize,
+) -> R<(Tensor, Tensor, Tensor, Tensor, Tensor)> {
+    let dev = Device::Cpu;
+    Ok((
+        Tensor::randn(0f32, 1.0, (b * k, d, h, w), &dev)?,
+        Tensor::randn(0f32, 1.0, (b, k, d), &dev)?,
+        Tensor::randn(0f32, 1.0, (b, d, 2 * h, 2 * w), &dev)?,
+        Tensor::randn(0f32, 1.0, (b, d, 4 * h, 4 * w), &dev)?,
+        Tensor::randn(0f32, 0.3, (b, k, h, w), &dev)?,
+    ))
+}
+
 fn check_case(case: &str, use_clip: bool) -> R<()> {
     check_case_cfg(case, use_clip, tiny(use_clip))
 }
@@ -148,12 +167,7 @@ fn text_film_starts_as_the_plain_decoder() -> R<()> {
             assert_eq!(m, 0.0, "{name} is not zero-initialised");
         }
     }
-    let (b, k, h, w, d) = (2, 2, 8, 8, 16);
-    let vision = Tensor::randn(0f32, 1.0, (b * k, d, h, w), &dev)?;
-    let text = Tensor::randn(0f32, 1.0, (b, k, d), &dev)?;
-    let f16 = Tensor::randn(0f32, 1.0, (b, d, 2 * h, 2 * w), &dev)?;
-    let f8 = Tensor::randn(0f32, 1.0, (b, d, 4 * h, 4 * w), &dev)?;
-    let clip = Tensor::randn(0f32, 0.3, (b, k, h, w), &dev)?;
+    let (vision, text, f16, f8, clip) = random_inputs(2, 2, 8, 8, 16)?;
     let a = dec_film.forward(&vision, &text, &f16, &f8, Some(&clip), false)?;
     let p = dec_plain.forward(&vision, &text, &f16, &f8, Some(&clip), false)?;
     assert_eq!(max_abs_diff(&a, &p)?, 0.0);
@@ -375,11 +389,7 @@ fn paper_and_cpu_grids() -> R<()> {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         let dec = CostAggregationDecoder::new(&cfg, vb)?;
         let (b, k) = (1, 2);
-        let vision = Tensor::randn(0f32, 1.0, (b * k, d, grid, grid), &dev)?;
-        let text = Tensor::randn(0f32, 1.0, (b, k, d), &dev)?;
-        let f16 = Tensor::randn(0f32, 1.0, (b, d, 2 * grid, 2 * grid), &dev)?;
-        let f8 = Tensor::randn(0f32, 1.0, (b, d, 4 * grid, 4 * grid), &dev)?;
-        let clip = Tensor::randn(0f32, 0.3, (b, k, grid, grid), &dev)?;
+        let (vision, text, f16, f8, clip) = random_inputs(b, k, grid, grid, d)?;
         let logits = dec.forward(&vision, &text, &f16, &f8, Some(&clip), false)?;
         assert_eq!(logits.dims(), &[b, k, 4 * grid, 4 * grid]);
         let s = logits.abs()?.sum_all()?.to_scalar::<f32>()?;

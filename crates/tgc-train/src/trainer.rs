@@ -623,7 +623,7 @@ impl<'a> Trainer<'a> {
         };
         let mut records = vec![];
         let w_bce = self.cfg.bce_weight;
-        'epochs: while self.epoch < self.cfg.epochs {
+        while self.epoch < self.cfg.epochs {
             let per_epoch = self.train.num_batches();
             let bar = bar(
                 per_epoch as u64,
@@ -716,23 +716,11 @@ impl<'a> Trainer<'a> {
                 );
             }
             records.push(rec);
-            if stopped_early {
-                // Mid-epoch stop: keep the position for an exact resume, and keep the
-                // weights reached if they are the best (the early-stopping state is left
-                // alone: only whole epochs count for it).
-                self.save(&self.last_checkpoint())?;
-                if summary.dice > self.best {
-                    self.best = summary.dice;
-                    self.save(&self.best_checkpoint())?;
-                }
-                let _ = crate::plot_curves_from_jsonl(
-                    &log_path,
-                    self.out_dir.join("curves.png"),
-                    &crate::PlotConfig::default(),
-                );
-                break 'epochs;
-            }
-            let verdict = self.early.update(self.epoch as u64, summary.dice);
+            // Only whole epochs count for early stopping; a mid-epoch stop keeps its
+            // position in the last checkpoint for an exact resume.
+            let verdict =
+                (!stopped_early).then(|| self.early.update(self.epoch as u64, summary.dice));
+            let stop = self.cfg.patience > 0 && verdict == Some(Verdict::Stop);
             if summary.dice > self.best {
                 self.best = summary.dice;
                 self.save(&self.best_checkpoint())?;
@@ -743,7 +731,7 @@ impl<'a> Trainer<'a> {
                 self.out_dir.join("curves.png"),
                 &crate::PlotConfig::default(),
             );
-            if self.cfg.patience > 0 && verdict == Verdict::Stop {
+            if stop {
                 break;
             }
             if self.cfg.max_steps.is_some_and(|m| self.opt.steps() >= m) {
