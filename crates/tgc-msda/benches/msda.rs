@@ -102,6 +102,23 @@ impl Problem {
         assert!(g.get(self.value.as_tensor()).is_some());
     }
 
+    /// The forward op, then its backward op driven directly with the output gradient
+    /// (what PyTorch's `out.backward(grad_out)` measures; candle's autograd needs a
+    /// scalar loss, whose multiply, sum and gradient accumulation `forward_backward`
+    /// also times).
+    fn forward_op_backward(&self) {
+        let out = self.forward(MsdaImpl::Fused);
+        let grads = tgc_msda::ms_deform_attn_backward(
+            self.value.as_tensor(),
+            &self.shapes,
+            self.loc.as_tensor(),
+            self.attn.as_tensor(),
+            &self.grad_out,
+        )
+        .unwrap();
+        drop((out, grads));
+    }
+
     /// Compulsory bytes (f32) of forward and of forward+backward.
     fn bytes(&self) -> (u64, u64) {
         let e = |t: &Tensor| t.elem_count() as u64 * 4;
@@ -153,6 +170,11 @@ fn bench(c: &mut Criterion) {
                 group.bench_function(BenchmarkId::new("fwd+bwd", label), |b| {
                     b.iter(|| pb.forward_backward(imp))
                 });
+                if imp == MsdaImpl::Fused {
+                    group.bench_function(BenchmarkId::new("fwd+op-bwd", label), |b| {
+                        b.iter(|| pb.forward_op_backward())
+                    });
+                }
             }
             group.finish();
         }
