@@ -35,13 +35,17 @@ struct Args {
     /// Model preset: tiny, cpu or paper.
     #[arg(long, default_value = "cpu")]
     preset: String,
+    /// A `TgcConfig` as JSON (overrides --preset; `step_timing --dump` writes one).
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// CLIP weights: a safetensors file or folder, `hub:<repo>`, or `random`.
     #[arg(long, default_value = "random")]
     clip_weights: String,
     /// Epochs (an upper bound: early stopping with patience 10).
     #[arg(long, default_value_t = 100)]
     epochs: usize,
-    /// Stop after this many optimiser steps in total.
+    /// Stop after this many optimiser steps in total; the warm-up + cosine schedule is
+    /// planned over them (as for --minutes).
     #[arg(long)]
     max_steps: Option<u64>,
     /// Peak learning rate (the paper's 2e-5 for QaTa-COV19).
@@ -155,7 +159,13 @@ fn run() -> Result<()> {
         .data
         .clone()
         .unwrap_or_else(|| repo.join("../shared/data/qata-cov19"));
-    let mut cfg = TgcConfig::preset(&args.preset)?;
+    let mut cfg: TgcConfig = match &args.config {
+        Some(p) => serde_json::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("parsing {}", p.display()))?,
+        None => TgcConfig::preset(&args.preset)?,
+    };
     if let Some(s) = args.label_size {
         cfg.label_size = s;
     }
@@ -248,8 +258,8 @@ fn run() -> Result<()> {
     let tc = TrainConfig {
         epochs: args.epochs,
         max_steps,
-        // A time budget fixes the number of steps: plan the schedule over them.
-        schedule_steps: args.minutes.and(max_steps),
+        // A time or step budget fixes the number of steps: plan the schedule over them.
+        schedule_steps: max_steps,
         lr: args.lr,
         cache_dir: Some(args.out.join("feature-cache")),
         ..TrainConfig::for_dataset("qata")
