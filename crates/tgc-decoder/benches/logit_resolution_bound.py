@@ -7,8 +7,8 @@ g x g grid can score. Usage (repo root; needs torch, pillow, numpy):
 
     python3 crates/tgc-decoder/benches/logit_resolution_bound.py [N_IMAGES=400]
 
-Measured 2026-12-02 on the first 400 val masks: 14 -> 0.8097, 16 -> 0.8512, 28 -> 0.9461,
-56 -> 0.9831, 224 -> 1.0.
+Measured 2026-12-02 on the first 400 val masks: 14 -> 0.8097, 16 -> 0.8512, 20 -> 0.9005,
+28 -> 0.9461, 40 -> 0.9707, 56 -> 0.9831, 224 -> 1.0.
 """
 import glob
 import sys
@@ -22,7 +22,7 @@ n = int(sys.argv[1]) if len(sys.argv) > 1 else 400
 files = sorted(glob.glob("../shared/data/qata-cov19/Val_Folder/labelcol/*"))[:n]
 if not files:
     sys.exit("no masks under ../shared/data/qata-cov19/Val_Folder/labelcol (run from the repo root)")
-for g in [14, 16, 28, 56, 224]:
+for g in [14, 16, 20, 28, 40, 56, 224]:
     scores = []
     for f in files:
         m = np.array(Image.open(f).convert("L").resize((224, 224), Image.NEAREST)) > 127
