@@ -83,6 +83,11 @@ struct Args {
     /// Resume from the run's last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Split each batch into this many parts trained on their own threads (gradients
+    /// summed; `TrainConfig::data_parallel`). 0: 2 on machines with at most 4 cores, else
+    /// 1.
+    #[arg(long, default_value_t = 0)]
+    data_parallel: usize,
     /// Override the preset's text FiLM in the decoder (`true` or `false`; the `cpu`
     /// preset has it on, `paper` and `tiny` off). Not in the paper: see tgc-decoder.
     #[arg(long)]
@@ -202,6 +207,10 @@ fn run() -> Result<()> {
         cnn_size: cfg.cnn_size,
         label_size: cfg.label_size,
     };
+    let data_parallel = match args.data_parallel {
+        0 => tgc::train::default_data_parallel(),
+        n => n,
+    };
     let mut max_steps = args.max_steps;
     if let Some(minutes) = args.minutes {
         // Two short probe runs (their own models, the run's feature cache) separate the
@@ -223,6 +232,7 @@ fn run() -> Result<()> {
                 progress: false,
                 overlays: 0,
                 cache_dir: Some(args.out.join("feature-cache")),
+                data_parallel,
                 ..TrainConfig::for_dataset("qata")
             };
             let mut t = Trainer::new(
@@ -262,6 +272,7 @@ fn run() -> Result<()> {
         schedule_steps: max_steps,
         lr: args.lr,
         cache_dir: Some(args.out.join("feature-cache")),
+        data_parallel,
         ..TrainConfig::for_dataset("qata")
     };
     let batch = tc.batch_size;

@@ -101,7 +101,7 @@ pub use optim::{clip_grad_norm, AdamW, AdamWConfig, StepStats};
 pub use overlay::{render_overlay, write_overlay, OverlayConfig};
 pub use plot::{plot_curves, plot_curves_from_jsonl, PlotConfig};
 pub use schedule::WarmupCosine;
-pub use threads::tune_cpu_threads;
+pub use threads::{default_data_parallel, tune_cpu_threads};
 pub use trainer::{
     batch_logits, evaluate, EpochRecord, FeatureStore, ImageFeatureSource, ImageScore, TrainConfig,
     TrainSummary, Trainer,

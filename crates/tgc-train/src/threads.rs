@@ -60,3 +60,14 @@ fn pin_matmul_threads() {
     let n = candle_core::utils::get_num_threads();
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
 }
+
+/// The `TrainConfig::data_parallel` the examples use by default: 2 on machines with at
+/// most [`SMALL_MACHINE_CORES`] cores (where one step leaves a core mostly idle), else 1.
+pub fn default_data_parallel() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if (2..=SMALL_MACHINE_CORES).contains(&cores) {
+        2
+    } else {
+        1
+    }
+}

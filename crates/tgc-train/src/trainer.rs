@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -86,6 +87,13 @@ pub struct TrainConfig {
     pub overlays: usize,
     /// Show progress bars.
     pub progress: bool,
+    /// Split every training batch into this many parts whose forward and backward
+    /// passes run on their own threads, their gradients summed (1: off). Candle runs
+    /// much of a small model's step on the calling thread (element-wise ops), so one
+    /// step uses about 1.25 of two cores; two parts use both. The gradients equal the
+    /// unsplit batch's up to floating-point rounding, and resuming stays bit-exact for
+    /// the same setting.
+    pub data_parallel: usize,
 }
 
 impl Default for TrainConfig {
@@ -108,6 +116,7 @@ impl Default for TrainConfig {
             use_cache: true,
             overlays: 4,
             progress: true,
+            data_parallel: 1,
         }
     }
 }
@@ -299,6 +308,20 @@ pub fn batch_logits(
     batch: &Batch,
     train: bool,
 ) -> Result<Tensor> {
+    let inputs = batch_inputs(model, store, batch)?;
+    forward_inputs(model, &inputs, batch, train)
+}
+
+/// What the model reads besides the batch's CNN images: prompt features and, unless the
+/// model fine-tunes CLIP, the frozen image features.
+struct BatchInputs {
+    image: Option<ImageFeatures>,
+    primary: PromptFeatures,
+    aux: Option<PromptFeatures>,
+}
+
+/// Looks up (or computes and caches) the frozen features of a batch.
+fn batch_inputs(model: &TgcNet, store: &mut FeatureStore, batch: &Batch) -> Result<BatchInputs> {
     let mut prim = Vec::with_capacity(batch.len());
     let mut aux = Vec::with_capacity(batch.len());
     for (c, a) in batch.captions.iter().zip(&batch.aux_captions) {
@@ -314,19 +337,35 @@ pub fn batch_logits(
     } else {
         Some(store.prompts(model, &aux)?)
     };
-    match ImageFeatureSource::for_model(model) {
-        ImageFeatureSource::FineTunedTower => model.forward_images(
+    let image = match ImageFeatureSource::for_model(model) {
+        ImageFeatureSource::FineTunedTower => None,
+        ImageFeatureSource::Cached => Some(store.images(model, batch)?),
+    };
+    Ok(BatchInputs {
+        image,
+        primary,
+        aux,
+    })
+}
+
+/// The forward pass of a batch whose frozen features were looked up by [`batch_inputs`].
+fn forward_inputs(
+    model: &TgcNet,
+    inputs: &BatchInputs,
+    batch: &Batch,
+    train: bool,
+) -> Result<Tensor> {
+    let (primary, aux) = (&inputs.primary, inputs.aux.as_ref());
+    match &inputs.image {
+        None => model.forward_images(
             &batch.clip_images,
             &batch.cnn_images,
-            &primary,
-            aux.as_ref(),
+            primary,
+            aux,
             1,
             train,
         ),
-        ImageFeatureSource::Cached => {
-            let image = store.images(model, batch)?;
-            model.forward_features(&image, &batch.cnn_images, &primary, aux.as_ref(), 1, train)
-        }
+        Some(image) => model.forward_features(image, &batch.cnn_images, primary, aux, 1, train),
     }
     .map_err(model_err)
 }
@@ -612,6 +651,80 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// The loss of one training batch and the gradients of the trainable parameters,
+    /// as a training step computes them (nothing is updated): the batch is split into
+    /// `data_parallel` parts on their own threads when that is above 1, each part's loss
+    /// weighted by its share of the images so that the sum is the whole batch's loss,
+    /// and the gradients summed in part order (deterministic). Frozen features come from
+    /// (and go into) the trainer's cache.
+    pub fn loss_and_gradients(&mut self, batch: &Batch) -> Result<(f64, GradStore)> {
+        let w_bce = self.cfg.bce_weight;
+        let parts = self.cfg.data_parallel.clamp(1, batch.len().max(1));
+        let loss_of = |logits: &Tensor, b: &Batch| -> Result<(f64, Tensor)> {
+            let loss = dice_bce(logits, &b.masks, w_bce, 1.0 - w_bce)?;
+            Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, loss))
+        };
+        if parts == 1 {
+            let logits = batch_logits(self.model, &mut self.store, batch, true)?;
+            let (value, loss) = loss_of(&logits, batch)?;
+            return Ok((value, loss.backward()?));
+        }
+        let subs = batch.split(parts)?;
+        // The feature cache is filled in order on this thread.
+        let inputs = subs
+            .iter()
+            .map(|b| batch_inputs(self.model, &mut self.store, b))
+            .collect::<Result<Vec<_>>>()?;
+        let model = self.model;
+        let total = batch.len() as f64;
+        let results: Vec<Result<(f64, GradStore)>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = subs
+                .iter()
+                .zip(&inputs)
+                .map(|(b, inp)| {
+                    scope.spawn(move || -> Result<(f64, GradStore)> {
+                        let logits = forward_inputs(model, inp, b, true)?;
+                        let (value, loss) = loss_of(&logits, b)?;
+                        let share = b.len() as f64 / total;
+                        Ok((value * share, (loss * share)?.backward()?))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::InvalidArgument(
+                            "a data-parallel training thread panicked".into(),
+                        ))
+                    })
+                })
+                .collect()
+        });
+        let mut value = 0.0;
+        let mut stores = Vec::with_capacity(parts);
+        for r in results {
+            let (v, g) = r?;
+            value += v;
+            stores.push(g);
+        }
+        let mut merged = stores.remove(0);
+        for (_, var) in self.opt.vars() {
+            let t = var.as_tensor();
+            let mut sum = merged.remove(t);
+            for g in stores.iter().filter_map(|s| s.get(t)) {
+                sum = Some(match sum {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                });
+            }
+            if let Some(sum) = sum {
+                merged.insert(t, sum);
+            }
+        }
+        Ok((value, merged))
+    }
+
     /// Trains until the epochs or `max_steps` run out or early stopping fires; validates
     /// and checkpoints after every epoch (and at `max_steps`).
     pub fn fit(&mut self) -> Result<TrainSummary> {
@@ -622,7 +735,6 @@ impl<'a> Trainer<'a> {
             MetricsWriter::create(&log_path)?
         };
         let mut records = vec![];
-        let w_bce = self.cfg.bce_weight;
         while self.epoch < self.cfg.epochs {
             let per_epoch = self.train.num_batches();
             let bar = bar(
@@ -641,9 +753,7 @@ impl<'a> Trainer<'a> {
                     break;
                 }
                 let batch = batch?;
-                let logits = batch_logits(self.model, &mut self.store, &batch, true)?;
-                let loss = dice_bce(&logits, &batch.masks, w_bce, 1.0 - w_bce)?;
-                let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let (value, mut grads) = self.loss_and_gradients(&batch)?;
                 if let Err(e) = crate::check_finite(value, self.opt.steps(), &batch.ids) {
                     bar.abandon();
                     return Err(Error::InvalidArgument(format!(
@@ -651,7 +761,6 @@ impl<'a> Trainer<'a> {
                         self.last_checkpoint().display()
                     )));
                 }
-                let mut grads = loss.backward()?;
                 if self.cfg.grad_clip > 0.0 {
                     self.opt.clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
                 }

@@ -39,6 +39,19 @@ fn quiet(max_steps: u64) -> TrainConfig {
 
 #[test]
 fn resuming_mid_epoch_equals_training_straight_through() {
+    resume_equals_straight_through(1);
+}
+
+#[test]
+fn resuming_mid_epoch_equals_training_straight_through_data_parallel() {
+    resume_equals_straight_through(2);
+}
+
+fn resume_equals_straight_through(data_parallel: usize) {
+    let quiet = |steps| TrainConfig {
+        data_parallel,
+        ..quiet(steps)
+    };
     let cfg = TgcConfig::tiny();
     let pre = preprocess(&cfg);
     let train = phantoms(12, 1, cfg.label_size);
@@ -216,4 +229,57 @@ fn schedule_steps_fits_the_schedule_into_a_step_budget() {
     let (_, unplanned, _) = run(None, "unplanned");
     let lr = unplanned.epochs.last().unwrap().lr;
     assert!(lr < 0.2 * tc.lr, "still warming up: {lr}");
+}
+
+/// Splitting a batch over threads changes only the rounding: the loss and every
+/// trainable parameter's gradient equal the unsplit batch's (an uneven 3 + 2 split and
+/// a 5-way split of a batch of 5).
+#[test]
+fn data_parallel_gradients_equal_the_whole_batch() {
+    let cfg = TgcConfig::tiny();
+    let pre = preprocess(&cfg);
+    let train = phantoms(5, 3, cfg.label_size);
+    let val = phantoms(2, 4, cfg.label_size);
+    let net = model(&cfg);
+    let dir = tempfile::tempdir().unwrap();
+    let loader = tgc_data::DataLoader::new(
+        train.clone(),
+        pre,
+        5,
+        None,
+        tgc_data::Augment::default(),
+        Device::Cpu,
+    );
+    let batch = loader.epoch(0).next().unwrap().unwrap();
+    assert_eq!(batch.len(), 5);
+    let grads = |dp: usize| {
+        let tc = TrainConfig {
+            data_parallel: dp,
+            ..quiet(1)
+        };
+        let mut t = Trainer::new(&net, tc, train.clone(), val.clone(), pre, dir.path()).unwrap();
+        t.loss_and_gradients(&batch).unwrap()
+    };
+    let (l1, g1) = grads(1);
+    let vars = net.trainable_vars();
+    assert!(!vars.is_empty());
+    for dp in [2, 5] {
+        let (l, g) = grads(dp);
+        assert!((l - l1).abs() < 1e-6 * l1.abs().max(1.0), "loss {l} vs {l1} (dp {dp})");
+        for (name, var) in &vars {
+            let t = var.as_tensor();
+            let a: Vec<f32> = g1.get(t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = g
+                .get(t)
+                .unwrap_or_else(|| panic!("{name}: no gradient (dp {dp})"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let scale = a.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-4 * scale, "{name}: {x} vs {y} (dp {dp})");
+            }
+        }
+    }
 }
