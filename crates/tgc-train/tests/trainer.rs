@@ -265,7 +265,10 @@ fn data_parallel_gradients_equal_the_whole_batch() {
     assert!(!vars.is_empty());
     for dp in [2, 5] {
         let (l, g) = grads(dp);
-        assert!((l - l1).abs() < 1e-6 * l1.abs().max(1.0), "loss {l} vs {l1} (dp {dp})");
+        assert!(
+            (l - l1).abs() < 1e-6 * l1.abs().max(1.0),
+            "loss {l} vs {l1} (dp {dp})"
+        );
         for (name, var) in &vars {
             let t = var.as_tensor();
             let a: Vec<f32> = g1.get(t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
@@ -278,7 +281,10 @@ fn data_parallel_gradients_equal_the_whole_batch() {
                 .unwrap();
             let scale = a.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
             for (x, y) in a.iter().zip(&b) {
-                assert!((x - y).abs() <= 1e-4 * scale, "{name}: {x} vs {y} (dp {dp})");
+                assert!(
+                    (x - y).abs() <= 1e-4 * scale,
+                    "{name}: {x} vs {y} (dp {dp})"
+                );
             }
         }
     }
