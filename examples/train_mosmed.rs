@@ -56,6 +56,11 @@ struct Args {
     /// Resume from the run's last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Split each batch into this many parts trained on their own threads (gradients
+    /// summed; `TrainConfig::data_parallel`). 0: 2 on machines with at most 4 cores, else
+    /// 1.
+    #[arg(long, default_value_t = 0)]
+    data_parallel: usize,
 }
 
 fn weights(spec: &str) -> WeightSource {
@@ -103,6 +108,10 @@ fn main() -> Result<()> {
     tgc::train::tune_cpu_threads();
     let args = Args::parse();
     let clip = weights(&args.clip_weights);
+    let data_parallel = match args.data_parallel {
+        0 => tgc::train::default_data_parallel(),
+        n => n,
+    };
     match &args.data {
         None => {
             let cfg = TgcConfig::preset(args.preset.as_deref().unwrap_or("tiny"))?;
@@ -115,6 +124,7 @@ fn main() -> Result<()> {
                 epochs: args.epochs.unwrap_or(10),
                 lr: args.lr.unwrap_or(3e-3),
                 patience: 0,
+                data_parallel,
                 ..TrainConfig::for_dataset("mosmed")
             };
             println!("training on synthetic CT phantoms (the caption names the target lesions)");
@@ -170,6 +180,7 @@ fn main() -> Result<()> {
                 tc.lr = lr;
             }
             tc.cache_dir = Some(args.out.join("feature-cache"));
+            tc.data_parallel = data_parallel;
             let best = run(cfg, tc, train, val, &clip, &args.out, args.resume)?;
             println!("best val Dice: {:.2}", 100.0 * best);
         }

@@ -181,13 +181,16 @@ pub fn split(s: &str) -> Result<Split> {
 }
 
 /// The default training recipe for a dataset folder (the paper's learning rate by its
-/// name) or for phantoms (lr 2e-3, 6 epochs, no early stopping).
+/// name) or for phantoms (lr 2e-3, 6 epochs, no early stopping); batches split over two
+/// threads on machines with at most 4 cores ([`tgc_train::default_data_parallel`]).
 pub fn default_train(data: Option<&Path>) -> TrainConfig {
+    let data_parallel = tgc_train::default_data_parallel();
     match data {
         None => TrainConfig {
             epochs: 6,
             lr: 2e-3,
             patience: 0,
+            data_parallel,
             ..TrainConfig::default()
         },
         Some(d) => {
@@ -202,7 +205,10 @@ pub fn default_train(data: Option<&Path>) -> TrainConfig {
             } else {
                 name.as_str()
             };
-            TrainConfig::for_dataset(key)
+            TrainConfig {
+                data_parallel,
+                ..TrainConfig::for_dataset(key)
+            }
         }
     }
 }
