@@ -475,22 +475,16 @@ fn backward_with<T: Real>(
     (0..g.batch * m_heads).into_par_iter().for_each(|nm| {
         #[cfg(target_arch = "x86_64")]
         if avx2 {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            // SAFETY: the CPU has AVX2 and FMA (checked by the caller).
             unsafe { backward_head_avx2(g, value, loc, attn, grad_out, gv, gl, ga, nm) };
             return;
         }
         let _ = avx2;
-        match g.head_dim {
-            8 => backward_head::<T, 8, false>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
-            16 => backward_head::<T, 16, false>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
-            32 => backward_head::<T, 32, false>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
-            64 => backward_head::<T, 64, false>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
-            _ => backward_head::<T, 0, false>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
-        }
+        backward_head_dh::<T, false>(g, value, loc, attn, grad_out, gv, gl, ga, nm)
     });
 }
 
-/// [`backward_head`] compiled with AVX2 and FMA.
+/// [`backward_head_dh`] compiled with AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -505,12 +499,29 @@ unsafe fn backward_head_avx2<T: Real>(
     ga: SharedMut<T>,
     nm: usize,
 ) {
+    backward_head_dh::<T, true>(g, value, loc, attn, grad_out, gv, gl, ga, nm)
+}
+
+/// [`backward_head`] for the head dim known at compile time where it is a common one.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn backward_head_dh<T: Real, const FMA: bool>(
+    g: &Geometry,
+    value: &[T],
+    loc: &[T],
+    attn: &[T],
+    grad_out: &[T],
+    gv: SharedMut<T>,
+    gl: SharedMut<T>,
+    ga: SharedMut<T>,
+    nm: usize,
+) {
     match g.head_dim {
-        8 => backward_head::<T, 8, true>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
-        16 => backward_head::<T, 16, true>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
-        32 => backward_head::<T, 32, true>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
-        64 => backward_head::<T, 64, true>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
-        _ => backward_head::<T, 0, true>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
+        8 => backward_head::<T, 8, FMA>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
+        16 => backward_head::<T, 16, FMA>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
+        32 => backward_head::<T, 32, FMA>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
+        64 => backward_head::<T, 64, FMA>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
+        _ => backward_head::<T, 0, FMA>(g, value, loc, attn, grad_out, gv, gl, ga, nm),
     }
 }
 

@@ -12,7 +12,7 @@
 //! | [`plot`] | [`plot_curves`]: PNG of train loss and val Dice per epoch |
 //! | [`overlay`] | [`write_overlay`]: image with predicted / ground-truth contours and the prompt as caption |
 //! | [`font`] | the built-in 5x7 bitmap font used for captions and legends |
-//! | [`threads`] | [`tune_cpu_threads`]: no spinning element-wise pool on small CPU machines |
+//! | [`threads`] | [`tune_cpu_threads`]: no spinning element-wise pool on small CPU machines; [`default_data_parallel`] |
 //!
 //! Only trainable parameters are `Var`s given to the optimiser; frozen towers are plain
 //! tensors and get neither gradients nor optimiser state. Exact resume = the parameters,
