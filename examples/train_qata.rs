@@ -70,10 +70,12 @@ struct Args {
     /// layer's q and v projections) or full. Fine-tuning disables the image-feature cache.
     #[arg(long, default_value = "frozen")]
     clip_finetune: String,
-    /// Time budget in minutes: two short probe runs (their own models, the same feature
-    /// cache) measure seconds per step and set max_steps (and the schedule) so training
-    /// fills about 80% of the budget (the rest is left for validation). An estimate, not
-    /// a hard deadline.
+    /// Time budget in minutes, from the start of the program to the end of the last
+    /// validation: two short probe runs (their own models, the same feature cache)
+    /// measure seconds per step for a first plan (training in 80% of the budget), and
+    /// after the first epoch the trainer re-plans from the epoch's measured step and
+    /// validation times so that the run ends within the budget less 3%
+    /// (`TrainConfig::time_budget_secs`). An estimate, not a hard deadline.
     #[arg(long)]
     minutes: Option<f64>,
     /// Override the preset's label (output) size, e.g. 224 to score the `tiny` preset at
@@ -158,6 +160,7 @@ fn main() {
 }
 
 fn run() -> Result<()> {
+    let program_start = std::time::Instant::now();
     let args = Args::parse();
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let root = args
@@ -273,6 +276,10 @@ fn run() -> Result<()> {
         lr: args.lr,
         cache_dir: Some(args.out.join("feature-cache")),
         data_parallel,
+        // What the probes and the model build left of the budget.
+        time_budget_secs: args
+            .minutes
+            .map(|m| m * 60.0 - program_start.elapsed().as_secs_f64()),
         ..TrainConfig::for_dataset("qata")
     };
     let batch = tc.batch_size;

@@ -41,6 +41,11 @@
 //!   `cpu` preset turns it on because a small model trained from scratch otherwise finds
 //!   the image-only "segment every lesion" solution first and never opens the text route
 //!   (see docs/results.md). Parameters `text_film.{cost, up.0, up.1}.{weight, bias}`.
+//! - **Quarter stage** (`quarter`, off by default; our addition). A third upsampling
+//!   stage to 1/4 scale guided by the CNN stem's `F_cnn^1/4` (the SSE passes it through
+//!   unrefined), so the logits come out at `8h x 8w`: small models at low resolution
+//!   otherwise predict on a grid as coarse as 20 x 20. Call
+//!   [`CostAggregationDecoder::forward_with_f4`]; see [`QuarterStage`].
 //! - **Pooling.** `class_pool x class_pool` average pooling before the class attention.
 //!   With an odd grid the trailing row/column is left out of the pooled map (PyTorch's
 //!   `AvgPool2d` floor rule) but still receives the upsampled update; grids smaller than
@@ -59,7 +64,8 @@
 //! Parameter names follow the module tree: `cost_embed`, `appearance_guidance`,
 //! `text_guidance`, `layers.{i}.spatial.{guidance_norm, blocks.{0,1}.{norm1, attn.{q,k,v,proj},
 //! norm2, mlp.{fc1,fc2}}}`, `layers.{i}.class.{norm1, q, k, v, norm2, mlp.{fc1,fc2}}`,
-//! `decoder_guidance.{0,1}`, `up.{0,1}.{convt, conv1, norm1, conv2, norm2}`, `head`.
+//! `decoder_guidance.{0,1}`, `up.{0,1}.{convt, conv1, norm1, conv2, norm2}`, `head`
+//! (and `decoder_guidance.2`, `up.2.*` with the quarter stage).
 //! With the paper configuration and the CLIP cost channel the decoder has 2,005,473
 //! parameters.
 //!
@@ -196,6 +202,29 @@ pub struct DecoderConfig {
     /// decoder starts as without it. See the crate docs for why single-prompt training
     /// needs it.
     pub text_film: bool,
+    /// A third upsampling stage to 1/4 scale (None; **not in the paper**), guided by the
+    /// CNN stem's `F_cnn^1/4`: the logits come out at `8h x 8w` instead of `4h x 4w`.
+    /// See [`QuarterStage`].
+    pub quarter: Option<QuarterStage>,
+}
+
+/// The optional 1/4-scale upsampling stage ([`DecoderConfig::quarter`]; our addition):
+/// `ConvT(decoder_dims[1] -> up_channels, 2, 2)` ‖ `ReLU(Conv(in_channels -> proj))` of
+/// the CNN stem's `F_cnn^1/4` -> DoubleConv(`-> dim`), then the head. Small models
+/// trained from scratch at low resolution have 1/8-scale logits on a grid as coarse as
+/// 20 x 20, which blurs lesion borders; this stage refines them with the stem's
+/// full-detail features at a small cost. Parameters `decoder_guidance.2`,
+/// `up.2.{convt, conv1, norm1, conv2, norm2}` and, with the FiLM, `text_film.up.2`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarterStage {
+    /// Channels of `F_cnn^1/4` (the SSE's `stem_channels`).
+    pub in_channels: usize,
+    /// Projection width of `F_cnn^1/4`.
+    pub proj: usize,
+    /// Output channels of the transposed convolution.
+    pub up_channels: usize,
+    /// Output channels of the DoubleConv (input of the head).
+    pub dim: usize,
 }
 
 impl Default for DecoderConfig {
@@ -220,6 +249,7 @@ impl Default for DecoderConfig {
             dropout: 0.0,
             ln_eps: 1e-5,
             text_film: false,
+            quarter: None,
         }
     }
 }
@@ -256,7 +286,15 @@ impl DecoderConfig {
                 self.guidance_kernel
             ));
         }
-        for c in self.decoder_dims {
+        if let Some(q) = &self.quarter {
+            if q.in_channels == 0 || q.proj == 0 || q.up_channels == 0 {
+                return bad(format!(
+                    "quarter stage: in_channels, proj and up_channels must be positive, got {q:?}"
+                ));
+            }
+        }
+        let quarter_dim = self.quarter.as_ref().map(|q| q.dim);
+        for c in self.decoder_dims.into_iter().chain(quarter_dim) {
             if c == 0 || !c.is_multiple_of(self.groups(c)) {
                 return bad(format!(
                     "decoder channels {c} not divisible into {} GroupNorm groups",
@@ -360,10 +398,11 @@ fn film_apply(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
 struct TextFilm {
     cost: tgc_nn::Linear,
     up: [tgc_nn::Linear; 2],
+    quarter: Option<tgc_nn::Linear>,
 }
 
 impl TextFilm {
-    fn new(d: usize, channels: [usize; 3], vb: VarBuilder) -> Result<Self> {
+    fn new(d: usize, channels: [usize; 3], quarter: Option<usize>, vb: VarBuilder) -> Result<Self> {
         // Zero weights: the decoder starts exactly as without FiLM, and the weights still
         // get a gradient (d out / d gamma = x).
         let zero_linear = |cout: usize, vb: VarBuilder| -> Result<tgc_nn::Linear> {
@@ -377,6 +416,9 @@ impl TextFilm {
                 zero_linear(channels[1], vb.pp("up").pp(0))?,
                 zero_linear(channels[2], vb.pp("up").pp(1))?,
             ],
+            quarter: quarter
+                .map(|c| zero_linear(c, vb.pp("up").pp(2)))
+                .transpose()?,
         })
     }
 
@@ -406,6 +448,8 @@ pub struct CostAggregationDecoder {
     layers: Vec<AggregationLayer>,
     decoder_guidance: [MatmulConv; 2],
     up: [UpStage; 2],
+    /// The optional 1/4 stage: guidance projection and upsampling stage.
+    quarter: Option<(MatmulConv, UpStage)>,
     head: MatmulConv,
     text_film: Option<TextFilm>,
 }
@@ -478,11 +522,31 @@ impl CostAggregationDecoder {
         let [up0, up1]: [UpStage; 2] = up
             .try_into()
             .map_err(|_| Error::Config("internal: two upsampling stages".into()))?;
-        let head = tgc_nn::conv2d(cfg.decoder_dims[1], 1, 3, pad(1), vb.pp("head"))?;
+        let quarter = match &cfg.quarter {
+            Some(q) => {
+                let uvb = vb.pp("up").pp(2);
+                let proj = tgc_nn::conv2d(q.in_channels, q.proj, gk, pad(gk / 2), dg.pp("2"))?;
+                let stage = UpStage {
+                    convt: tgc_nn::conv_transpose2d(
+                        cfg.decoder_dims[1],
+                        q.up_channels,
+                        2,
+                        up_cfg,
+                        uvb.pp("convt"),
+                    )?,
+                    conv: DoubleConv::new(q.up_channels + q.proj, q.dim, cfg.groups(q.dim), uvb)?,
+                };
+                Some((proj, stage))
+            }
+            None => None,
+        };
+        let head_in = cfg.quarter.as_ref().map_or(cfg.decoder_dims[1], |q| q.dim);
+        let head = tgc_nn::conv2d(head_in, 1, 3, pad(1), vb.pp("head"))?;
         let text_film = if cfg.text_film {
             Some(TextFilm::new(
                 d,
                 [c, cfg.decoder_dims[0], cfg.decoder_dims[1]],
+                cfg.quarter.as_ref().map(|q| q.dim),
                 vb.pp("text_film"),
             )?)
         } else {
@@ -496,6 +560,7 @@ impl CostAggregationDecoder {
             layers,
             decoder_guidance,
             up: [up0, up1],
+            quarter,
             head,
             text_film,
         })
@@ -516,13 +581,36 @@ impl CostAggregationDecoder {
     ///   `use_clip_cost`, rejected otherwise
     /// - `train`: enables dropout (if `dropout > 0`)
     ///
-    /// Returns logits `B x K x 4h x 4w` (1/8 scale); see [`resize_logits`].
+    /// Returns logits `B x K x 4h x 4w` (1/8 scale); see [`resize_logits`]. A decoder
+    /// with a [`QuarterStage`] needs [`Self::forward_with_f4`].
     pub fn forward(
         &self,
         vision: &Tensor,
         text: &Tensor,
         f16: &Tensor,
         f8: &Tensor,
+        clip_cost: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.forward_with_f4(vision, text, f16, f8, None, clip_cost, train)
+    }
+
+    /// As [`Self::forward`], with the CNN stem's `F_cnn^1/4` for the optional
+    /// [`QuarterStage`]:
+    ///
+    /// - `f4`: `B x C_4 x 8h x 8w`; required when [`DecoderConfig::quarter`] is set,
+    ///   rejected otherwise.
+    ///
+    /// Returns logits `B x K x 8h x 8w` (1/4 scale) with the quarter stage, else
+    /// `B x K x 4h x 4w`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with_f4(
+        &self,
+        vision: &Tensor,
+        text: &Tensor,
+        f16: &Tensor,
+        f8: &Tensor,
+        f4: Option<&Tensor>,
         clip_cost: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
@@ -563,6 +651,28 @@ impl CostAggregationDecoder {
                 f8,
                 format!("[{b}, {d}, {}, {}]", 4 * h, 4 * w),
             ));
+        }
+        match (&cfg.quarter, f4) {
+            (Some(q), Some(f4)) => {
+                if f4.dims() != [b, q.in_channels, 8 * h, 8 * w] {
+                    return Err(shape_err(
+                        "f4",
+                        f4,
+                        format!("[{b}, {}, {}, {}]", q.in_channels, 8 * h, 8 * w),
+                    ));
+                }
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(Error::Config(
+                    "the decoder has a quarter stage but no f4 map was given".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::Config(
+                    "an f4 map was given but the decoder has no quarter stage".into(),
+                ))
+            }
         }
 
         // 1. Cost volume, (B*K) x C_in x h x w.
@@ -612,23 +722,39 @@ impl CostAggregationDecoder {
 
         // 4. Upsampling with per-image features broadcast to the K prompts.
         let mut x = x.permute((0, 3, 1, 2))?.contiguous()?;
-        for (i, feat) in [f16, f8].into_iter().enumerate() {
-            let g = feat.apply(&self.decoder_guidance[i])?.relu()?;
+        let mut stages = vec![
+            (f16, &self.decoder_guidance[0], &self.up[0]),
+            (f8, &self.decoder_guidance[1], &self.up[1]),
+        ];
+        if let (Some(f4), Some((proj, stage))) = (f4, &self.quarter) {
+            stages.push((f4, proj, stage));
+        }
+        let mut scale = 1;
+        for (i, (feat, proj, stage)) in stages.into_iter().enumerate() {
+            let g = feat.apply(proj)?.relu()?;
             let (_, gc, gh, gw) = g.dims4()?;
             let g = g
                 .unsqueeze(1)?
                 .broadcast_as((b, k, gc, gh, gw))?
                 .reshape((bk, gc, gh, gw))?;
-            let up = x.apply(&self.up[i].convt)?;
+            let up = x.apply(&stage.convt)?;
             let film = match &self.text_film {
-                Some(f) => Some(TextFilm::params(&f.up[i], &tn_rows)?),
+                Some(f) => {
+                    let layer = if i < 2 {
+                        Some(&f.up[i])
+                    } else {
+                        f.quarter.as_ref()
+                    };
+                    layer.map(|l| TextFilm::params(l, &tn_rows)).transpose()?
+                }
                 None => None,
             };
-            x = self.up[i]
+            x = stage
                 .conv
                 .forward(&Tensor::cat(&[up, g], 1)?, film.as_ref())?;
+            scale *= 2;
         }
         let logits = x.apply(&self.head)?;
-        Ok(logits.reshape((b, k, 4 * h, 4 * w))?)
+        Ok(logits.reshape((b, k, scale * h, scale * w))?)
     }
 }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use tgc_decoder::{cost_volume, effective_window, CostAggregationDecoder, DecoderConfig, Error};
+use tgc_decoder::{
+    cost_volume, effective_window, CostAggregationDecoder, DecoderConfig, Error, QuarterStage,
+};
 
 type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -37,6 +39,21 @@ fn tiny(use_clip_cost: bool) -> DecoderConfig {
         dropout: 0.0,
         ln_eps: 1e-5,
         text_film: false,
+        quarter: None,
+    }
+}
+
+/// `tiny` with the FiLM and the quarter stage of the fixture's case `d`.
+fn tiny_quarter() -> DecoderConfig {
+    DecoderConfig {
+        text_film: true,
+        quarter: Some(QuarterStage {
+            in_channels: 3,
+            proj: 4,
+            up_channels: 6,
+            dim: 4,
+        }),
+        ..tiny(true)
     }
 }
 
@@ -91,9 +108,15 @@ fn check_case_cfg(case: &str, use_clip: bool, cfg: DecoderConfig) -> R<()> {
     } else {
         None
     };
+    let f4 = if cfg.quarter.is_some() {
+        Some(get("input.f4")?)
+    } else {
+        None
+    };
     let cost = cost_volume(&vision, &text)?;
     let e_cost = max_abs_diff(&cost, &get("output.cost")?)?;
-    let logits = dec.forward(&vision, &text, &f16, &f8, clip.as_ref(), false)?;
+    let logits =
+        dec.forward_with_f4(&vision, &text, &f16, &f8, f4.as_ref(), clip.as_ref(), false)?;
     let e = max_abs_diff(&logits, &get("output.logits")?)?;
     println!("case {case}: max |cost - torch| = {e_cost:.2e}, max |logits - torch| = {e:.2e}");
     assert!(
@@ -125,6 +148,12 @@ fn matches_pytorch_reference_with_text_film() -> R<()> {
         ..tiny(true)
     };
     check_case_cfg("c", true, cfg)
+}
+
+/// B=2, K=2, 4x6 grid with the FiLM and the quarter stage: logits at 32x48.
+#[test]
+fn matches_pytorch_reference_with_quarter_stage() -> R<()> {
+    check_case_cfg("d", true, tiny_quarter())
 }
 
 /// Zero-initialised FiLM: a decoder with `text_film` computes exactly what the same
@@ -235,16 +264,26 @@ fn formula_count(cfg: &DecoderConfig) -> usize {
             ins[i] * u * 4 + u + (u + p) * o * 9 + o * o * 9 + 4 * o
         })
         .sum();
-    let head = cfg.decoder_dims[1] * 9 + 1;
+    let quarter = cfg.quarter.as_ref().map_or(0, |q| {
+        let (u, o, p) = (q.up_channels, q.dim, q.proj);
+        q.in_channels * p * kk
+            + p
+            + cfg.decoder_dims[1] * u * 4
+            + u
+            + (u + p) * o * 9
+            + o * o * 9
+            + 4 * o
+    });
+    let head_in = cfg.quarter.as_ref().map_or(cfg.decoder_dims[1], |q| q.dim);
+    let head = head_in * 9 + 1;
+    let mut filmed = vec![c, cfg.decoder_dims[0], cfg.decoder_dims[1]];
+    filmed.extend(cfg.quarter.as_ref().map(|q| q.dim));
     let film = if cfg.text_film {
-        [c, cfg.decoder_dims[0], cfg.decoder_dims[1]]
-            .iter()
-            .map(|&ch| d * 2 * ch + 2 * ch)
-            .sum()
+        filmed.iter().map(|&ch| d * 2 * ch + 2 * ch).sum()
     } else {
         0
     };
-    front + layers + guid + stages + head + film
+    front + layers + guid + stages + quarter + head + film
 }
 
 fn varmap_count(cfg: &DecoderConfig) -> R<usize> {
@@ -281,6 +320,10 @@ fn parameter_count_matches_formula() -> R<()> {
         ..tiny(true)
     };
     assert_eq!(varmap_count(&film)?, formula_count(&film));
+    assert_eq!(
+        varmap_count(&tiny_quarter())?,
+        formula_count(&tiny_quarter())
+    );
     Ok(())
 }
 
@@ -317,7 +360,24 @@ fn gradient_flow_cfg(
     let f16 = Tensor::randn(0f32, 1.0, (b, d, 2 * h, 2 * w), &dev)?;
     let f8 = Tensor::randn(0f32, 1.0, (b, d, 4 * h, 4 * w), &dev)?;
     let clip = Tensor::randn(0f32, 0.3, (b, k, h, w), &dev)?;
-    let logits = dec.forward(&vision, &text, &f16, &f8, use_clip.then_some(&clip), true)?;
+    let f4 = match &cfg.quarter {
+        Some(q) => Some(Tensor::randn(
+            0f32,
+            1.0,
+            (b, q.in_channels, 8 * h, 8 * w),
+            &dev,
+        )?),
+        None => None,
+    };
+    let logits = dec.forward_with_f4(
+        &vision,
+        &text,
+        &f16,
+        &f8,
+        f4.as_ref(),
+        use_clip.then_some(&clip),
+        true,
+    )?;
     // A random weighting so no gradient vanishes by symmetry of the loss.
     let target = Tensor::randn(0f32, 1.0, logits.dims(), &dev)?;
     let loss = (logits * target)?.sum_all()?;
@@ -371,6 +431,54 @@ fn every_parameter_gets_gradient_k1_with_text_film() -> R<()> {
         ..tiny(true)
     };
     gradient_flow_cfg(2, 1, 8, 8, true, cfg)
+}
+
+/// The quarter stage's parameters (FiLM included) get gradients too.
+#[test]
+fn every_parameter_gets_gradient_k2_with_quarter_stage() -> R<()> {
+    gradient_flow_cfg(2, 2, 4, 6, true, tiny_quarter())
+}
+
+/// A quarter-stage decoder needs `f4` at `8h x 8w` with its channels; a plain one
+/// rejects it.
+#[test]
+fn quarter_stage_checks_f4() -> R<()> {
+    let dev = Device::Cpu;
+    let (b, k, h, w, d) = (1, 2, 4, 4, 16);
+    let (vision, text, f16, f8, clip) = random_inputs(b, k, h, w, d)?;
+    let f4 = Tensor::zeros((b, 3, 8 * h, 8 * w), DType::F32, &dev)?;
+    let vm = VarMap::new();
+    let dec = CostAggregationDecoder::new(
+        &tiny_quarter(),
+        VarBuilder::from_varmap(&vm, DType::F32, &dev),
+    )?;
+    let logits = dec.forward_with_f4(&vision, &text, &f16, &f8, Some(&f4), Some(&clip), false)?;
+    assert_eq!(logits.dims(), &[b, k, 8 * h, 8 * w]);
+    assert!(matches!(
+        dec.forward(&vision, &text, &f16, &f8, Some(&clip), false),
+        Err(Error::Config(_))
+    ));
+    let f4_small = f4.narrow(2, 0, 4 * h)?;
+    assert!(matches!(
+        dec.forward_with_f4(
+            &vision,
+            &text,
+            &f16,
+            &f8,
+            Some(&f4_small),
+            Some(&clip),
+            false
+        ),
+        Err(Error::Shape { tensor: "f4", .. })
+    ));
+    let vm = VarMap::new();
+    let plain =
+        CostAggregationDecoder::new(&tiny(true), VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    assert!(matches!(
+        plain.forward_with_f4(&vision, &text, &f16, &f8, Some(&f4), Some(&clip), false),
+        Err(Error::Config(_))
+    ));
+    Ok(())
 }
 
 /// The paper grid (24, windows of 12) and the CPU preset grid (14, windows of 7) run at

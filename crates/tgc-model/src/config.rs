@@ -400,6 +400,21 @@ impl TgcConfig {
                     .into(),
             );
         }
+        if let Some(q) = &self.decoder.quarter {
+            if self.sse.mode == SseMode::ClipOnly {
+                return bad(
+                    "decoder.quarter needs the CNN stem's 1/4 features, but sse.mode clip_only \
+                     has no CNN; remove decoder.quarter"
+                        .into(),
+                );
+            }
+            if q.in_channels != self.sse.stem_channels {
+                return bad(format!(
+                    "decoder.quarter.in_channels {} != sse.stem_channels {}",
+                    q.in_channels, self.sse.stem_channels
+                ));
+            }
+        }
         if self.clip_finetune.is_trainable() && self.sse.mode == SseMode::CnnOnly {
             return bad(format!(
                 "clip_finetune {} needs CLIP's image features, but sse.mode cnn_only does \

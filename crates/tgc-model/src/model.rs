@@ -370,11 +370,15 @@ impl TgcNet {
         };
         let logits = self
             .decoder
-            .forward(
+            .forward_with_f4(
                 &cal.vision,
                 &text_vec,
                 &pyramid.f16,
                 &pyramid.f8,
+                pyramid
+                    .f4
+                    .as_ref()
+                    .filter(|_| self.cfg.decoder.quarter.is_some()),
                 clip_cost.as_ref(),
                 train,
             )

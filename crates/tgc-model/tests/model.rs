@@ -146,6 +146,32 @@ fn every_ablation_variant_trains_every_parameter() {
     );
 }
 
+/// The decoder's optional 1/4 stage (guided by the SSE's stem output): logits still come
+/// out at the label size, every parameter (stem included) gets a gradient, and a stage
+/// whose input width is not the stem's, or one without a CNN, is a config error.
+#[test]
+fn quarter_stage_trains_every_parameter() {
+    let mut cfg = TgcConfig::tiny();
+    cfg.decoder.text_film = true;
+    cfg.decoder.quarter = Some(tgc_decoder::QuarterStage {
+        in_channels: cfg.sse.stem_channels,
+        proj: 4,
+        up_channels: 8,
+        dim: 8,
+    });
+    check_gradients(cfg.clone(), 2);
+    let mut bad = cfg.clone();
+    bad.decoder.quarter.as_mut().unwrap().in_channels += 1;
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(err.contains("stem_channels"), "{err}");
+    let err = cfg
+        .with_sse_mode(SseMode::ClipOnly)
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("clip_only"), "{err}");
+}
+
 #[test]
 fn cpu_preset_trains_every_parameter() {
     check_gradients(TgcConfig::cpu(), 1);

@@ -146,8 +146,15 @@ impl CnnBranch {
     /// patch grid it is fused with is square, and the pyramid levels must be exact
     /// halvings of each other.
     pub fn forward(&self, image: &Tensor) -> Result<[Tensor; 3]> {
+        Ok(self.forward_with_stem(image)?.1)
+    }
+
+    /// As [`Self::forward`], also returning the stem output `F_cnn^1/4`,
+    /// `B x stem_channels x S/4 x S/4` (the decoder's optional 1/4 guidance).
+    pub fn forward_with_stem(&self, image: &Tensor) -> Result<(Tensor, [Tensor; 3])> {
         check_image(image, self.in_channels)?;
-        let mut x = self.stem[1].forward(&self.stem[0].forward(image)?)?;
+        let stem = self.stem[1].forward(&self.stem[0].forward(image)?)?;
+        let mut x = stem.clone();
         let mut outs = Vec::with_capacity(3);
         for st in &self.stages {
             x = st.forward(&x)?;
@@ -156,7 +163,7 @@ impl CnnBranch {
         let [a, b, c]: [Tensor; 3] = outs
             .try_into()
             .map_err(|_| Error::Config("CnnBranch: expected exactly 3 stages".into()))?;
-        Ok([a, b, c])
+        Ok((stem, [a, b, c]))
     }
 }
 

@@ -18,6 +18,10 @@ pub struct SseOutput {
     pub f16: Tensor,
     /// `F_V^1/32`: `B x D x S_n/32 x S_n/32` (the CLIP grid).
     pub f32: Tensor,
+    /// The CNN stem output `F_cnn^1/4`, `B x stem_channels x S_n/4 x S_n/4`, not refined
+    /// by MSDeformAttn: guidance for a decoder with a 1/4-scale stage. `None` in
+    /// [`SseMode::ClipOnly`] (no CNN).
+    pub f4: Option<Tensor>,
 }
 
 /// Deformable DETR's `input_proj`: `Conv1x1(C_s -> D)` (Xavier-uniform weight, zero bias)
@@ -267,6 +271,15 @@ impl Sse {
     ///
     /// Inputs as in [`Sse::forward`]. Errors in [`SseMode::ClipOnly`].
     pub fn pyramid(&self, cnn_image: &Tensor, clip_tokens: Option<&Tensor>) -> Result<[Tensor; 3]> {
+        Ok(self.pyramid_with_stem(cnn_image, clip_tokens)?.0)
+    }
+
+    /// [`Self::pyramid`] and the CNN stem output `F_cnn^1/4`.
+    fn pyramid_with_stem(
+        &self,
+        cnn_image: &Tensor,
+        clip_tokens: Option<&Tensor>,
+    ) -> Result<([Tensor; 3], Tensor)> {
         let proj = self
             .input_proj
             .as_ref()
@@ -277,9 +290,13 @@ impl Sse {
             let tokens = clip_tokens.ok_or(Error::MissingClipTokens(self.cfg.mode))?;
             self.check_clip_tokens(tokens, Some(cnn_image.dim(0)?), grid)?;
         }
-        let [c8, c16, c32] = self.cnn_features(cnn_image)?;
+        let cnn = self
+            .cnn
+            .as_ref()
+            .ok_or_else(|| Error::Config(format!("mode {:?} has no CNN branch", self.cfg.mode)))?;
+        let (stem, [c8, c16, c32]) = cnn.forward_with_stem(cnn_image)?;
         let fused = self.fuse(clip_tokens, Some(&c32), grid)?;
-        Ok([proj[0].forward(&c8)?, proj[1].forward(&c16)?, fused])
+        Ok(([proj[0].forward(&c8)?, proj[1].forward(&c16)?, fused], stem))
     }
 
     /// Runs the SSE.
@@ -292,7 +309,8 @@ impl Sse {
     /// - `train`: enables dropout in the MSDeformAttn encoder (GroupNorm and LayerNorm are
     ///   the same in both modes).
     ///
-    /// Returns [`SseOutput`]: `F_V^1/8`, `F_V^1/16`, `F_V^1/32`, each `B x D x S_n/s x S_n/s`.
+    /// Returns [`SseOutput`]: `F_V^1/8`, `F_V^1/16`, `F_V^1/32`, each `B x D x S_n/s x S_n/s`,
+    /// and the stem's `F_cnn^1/4` (modes with a CNN).
     pub fn forward(
         &self,
         cnn_image: &Tensor,
@@ -314,13 +332,18 @@ impl Sse {
                 })?;
                 let f16 = up16.forward(&f32)?;
                 let f8 = up8.forward(&f16)?;
-                Ok(SseOutput { f8, f16, f32 })
+                Ok(SseOutput {
+                    f8,
+                    f16,
+                    f32,
+                    f4: None,
+                })
             }
             SseMode::Full | SseMode::CnnOnly => {
                 let enc = self.encoder.as_ref().ok_or_else(|| {
                     Error::Config("SSE built without its MSDeformAttn encoder".into())
                 })?;
-                let srcs = self.pyramid(cnn_image, clip_tokens)?;
+                let (srcs, stem) = self.pyramid_with_stem(cnn_image, clip_tokens)?;
                 let out = enc.forward(&srcs, train)?;
                 let [f8, f16, f32]: [Tensor; 3] = out.try_into().map_err(|v: Vec<Tensor>| {
                     Error::Config(format!(
@@ -328,7 +351,12 @@ impl Sse {
                         v.len()
                     ))
                 })?;
-                Ok(SseOutput { f8, f16, f32 })
+                Ok(SseOutput {
+                    f8,
+                    f16,
+                    f32,
+                    f4: Some(stem),
+                })
             }
         }
     }

@@ -293,6 +293,15 @@ fn check_shapes(cfg: &SseConfig, s_n: usize) {
         for (f, (&c, s)) in feats.iter().zip(cfg.cnn_channels.iter().zip([8, 16, 32])) {
             assert_eq!(f.dims(), &[b, c, s_n / s, s_n / s]);
         }
+        // The stem output is passed through as F_cnn^1/4.
+        let f4 = out
+            .f4
+            .as_ref()
+            .expect("modes with a CNN return the stem output");
+        assert_eq!(f4.dims(), &[b, cfg.stem_channels, s_n / 4, s_n / 4]);
+        assert!(to_vec(f4).iter().all(|x| x.is_finite() && *x >= 0.0));
+    } else {
+        assert!(out.f4.is_none());
     }
 }
 

@@ -103,6 +103,6 @@ pub use plot::{plot_curves, plot_curves_from_jsonl, PlotConfig};
 pub use schedule::WarmupCosine;
 pub use threads::{default_data_parallel, tune_cpu_threads};
 pub use trainer::{
-    batch_logits, evaluate, EpochRecord, FeatureStore, ImageFeatureSource, ImageScore, TrainConfig,
-    TrainSummary, Trainer,
+    batch_logits, evaluate, plan_steps, EpochRecord, FeatureStore, ImageFeatureSource, ImageScore,
+    TrainConfig, TrainSummary, Trainer, META_PLANNED_STEPS,
 };

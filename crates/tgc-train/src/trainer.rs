@@ -36,6 +36,9 @@ use crate::{
     WarmupCosine,
 };
 
+/// Metadata key of the step total planned from a time budget
+/// ([`TrainConfig::time_budget_secs`]); absent when no plan was made.
+pub const META_PLANNED_STEPS: &str = "tgc.planned_steps";
 /// Metadata key of the position inside the current epoch (batches done).
 pub const META_BATCH_IN_EPOCH: &str = "tgc.batch_in_epoch";
 /// Metadata key of the early-stopping state (JSON).
@@ -94,6 +97,15 @@ pub struct TrainConfig {
     /// unsplit batch's up to floating-point rounding, and resuming stays bit-exact for
     /// the same setting.
     pub data_parallel: usize,
+    /// Fit the run into this many seconds of [`Trainer::fit`] (None). After the first
+    /// whole epoch the trainer measures its seconds per step and per validation (with
+    /// checkpointing) and re-plans: `max_steps` and the cosine schedule's length become
+    /// the most steps whose training and validations end within the budget less 3%
+    /// (never more than `epochs` allow; the warm-up keeps its length). `max_steps` /
+    /// `schedule_steps` set here are the plan for the first epoch only. The plan goes into
+    /// the checkpoints, so a resumed run keeps it. A time-planned run depends on the
+    /// machine's speed, so two runs need not take the same number of steps.
+    pub time_budget_secs: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -117,6 +129,7 @@ impl Default for TrainConfig {
             overlays: 4,
             progress: true,
             data_parallel: 1,
+            time_budget_secs: None,
         }
     }
 }
@@ -495,6 +508,45 @@ pub struct Trainer<'a> {
     epoch: usize,
     batch_in_epoch: usize,
     best: f64,
+    /// The step total planned from the time budget, once planned.
+    planned_steps: Option<u64>,
+}
+
+/// The most further steps that fit in `remaining_secs` when a step costs `step_secs` and
+/// every epoch, whole or cut short, adds `epoch_overhead_secs` (validation,
+/// checkpoints); epochs have `steps_per_epoch` steps and at most `max_steps` more are
+/// allowed. Training resumes at an epoch boundary.
+pub fn plan_steps(
+    remaining_secs: f64,
+    step_secs: f64,
+    epoch_overhead_secs: f64,
+    steps_per_epoch: u64,
+    max_steps: u64,
+) -> u64 {
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    if !positive(remaining_secs) || !positive(step_secs) || steps_per_epoch == 0 {
+        return 0;
+    }
+    let overhead = epoch_overhead_secs.max(0.0);
+    let mut best = 0;
+    let mut epochs = 1u64;
+    loop {
+        let time_for_steps = remaining_secs - epochs as f64 * overhead;
+        if time_for_steps <= 0.0 || (epochs - 1) * steps_per_epoch >= max_steps {
+            break;
+        }
+        let fit = (time_for_steps / step_secs).floor() as u64;
+        // `epochs` epochs hold more than `(epochs - 1)` epochs' steps.
+        let steps = fit.min(epochs * steps_per_epoch).min(max_steps);
+        if steps > (epochs - 1) * steps_per_epoch {
+            best = best.max(steps);
+        }
+        if fit < epochs * steps_per_epoch {
+            break;
+        }
+        epochs += 1;
+    }
+    best
 }
 
 impl<'a> Trainer<'a> {
@@ -588,6 +640,7 @@ impl<'a> Trainer<'a> {
             epoch: 0,
             batch_in_epoch: 0,
             best: f64::NEG_INFINITY,
+            planned_steps: None,
             cfg,
         })
     }
@@ -634,6 +687,9 @@ impl<'a> Trainer<'a> {
         );
         meta.insert(META_BEST_METRIC.to_string(), format!("{:e}", self.best));
         meta.insert(META_EARLY_STOP.to_string(), self.early.to_json());
+        if let Some(p) = self.planned_steps {
+            meta.insert(META_PLANNED_STEPS.to_string(), p.to_string());
+        }
         checkpoint::save_checkpoint(path, &tensors, &meta)
     }
 
@@ -648,6 +704,30 @@ impl<'a> Trainer<'a> {
         self.batch_in_epoch = ck.meta_parse(META_BATCH_IN_EPOCH)?;
         self.best = ck.meta_parse(META_BEST_METRIC)?;
         self.early = EarlyStopping::from_json(ck.meta(META_EARLY_STOP)?)?;
+        if ck.meta(META_PLANNED_STEPS).is_ok() {
+            self.apply_plan(ck.meta_parse(META_PLANNED_STEPS)?)?;
+        }
+        Ok(())
+    }
+
+    /// The step total planned from the time budget, once the first epoch has measured
+    /// the run's speed (or restored from a checkpoint).
+    pub fn planned_steps(&self) -> Option<u64> {
+        self.planned_steps
+    }
+
+    /// Makes `total` the run's step count and the cosine schedule's length.
+    fn apply_plan(&mut self, total: u64) -> Result<()> {
+        let total = total.max(1);
+        self.planned_steps = Some(total);
+        self.cfg.max_steps = Some(total);
+        self.cfg.schedule_steps = Some(total);
+        self.schedule = WarmupCosine::new(
+            self.schedule.base_lr,
+            self.schedule.warmup_steps.min(total),
+            total,
+            self.schedule.min_lr,
+        )?;
         Ok(())
     }
 
@@ -735,6 +815,7 @@ impl<'a> Trainer<'a> {
             MetricsWriter::create(&log_path)?
         };
         let mut records = vec![];
+        let fit_start = Instant::now();
         while self.epoch < self.cfg.epochs {
             let per_epoch = self.train.num_batches();
             let bar = bar(
@@ -840,6 +921,31 @@ impl<'a> Trainer<'a> {
                 self.out_dir.join("curves.png"),
                 &crate::PlotConfig::default(),
             );
+            if let (Some(budget), None, false, true) = (
+                self.cfg.time_budget_secs,
+                self.planned_steps,
+                stopped_early,
+                n_batches > 0,
+            ) {
+                let step_secs = seconds / n_batches as f64;
+                let overhead = start.elapsed().as_secs_f64() - seconds;
+                let remaining = budget * 0.97 - fit_start.elapsed().as_secs_f64();
+                let per_epoch = per_epoch as u64;
+                let left = (self.cfg.epochs - self.epoch) as u64 * per_epoch;
+                let more = plan_steps(remaining, step_secs, overhead, per_epoch, left);
+                let total = self.opt.steps() + more;
+                self.apply_plan(total)?;
+                self.save(&self.last_checkpoint())?;
+                let msg = format!(
+                    "time budget {budget:.0} s: {step_secs:.3} s/step, {overhead:.1} s per \
+                     validation and checkpoint, {remaining:.0} s left (3% spare) -> {total} \
+                     steps in all ({more} more)"
+                );
+                tracing::info!("{msg}");
+                if self.cfg.progress {
+                    eprintln!("{msg}");
+                }
+            }
             if stop {
                 break;
             }

@@ -289,3 +289,87 @@ fn data_parallel_gradients_equal_the_whole_batch() {
         }
     }
 }
+
+/// `plan_steps` against hand-computed budgets (1 s per step, 10 s per validation,
+/// 30 steps per epoch).
+#[test]
+fn plan_steps_fits_steps_and_validations_into_the_time_left() {
+    use tgc_train::plan_steps;
+    // 70 steps = epochs of 30 + 30 + 10, three validations: 70 + 30 = 100 s.
+    assert_eq!(plan_steps(100.0, 1.0, 10.0, 30, 1000), 70);
+    // Capped by the epochs left.
+    assert_eq!(plan_steps(100.0, 1.0, 10.0, 30, 50), 50);
+    // 45 steps in two epochs (65 s); a third validation would not pay.
+    assert_eq!(plan_steps(65.0, 1.0, 10.0, 30, 1000), 45);
+    // 30 steps and one validation (40 s); a second epoch's validation leaves no room.
+    assert_eq!(plan_steps(41.0, 1.0, 10.0, 30, 1000), 30);
+    // Not even one validation fits; nonsense inputs plan nothing.
+    assert_eq!(plan_steps(5.0, 1.0, 10.0, 30, 1000), 0);
+    assert_eq!(plan_steps(-1.0, 1.0, 0.0, 30, 1000), 0);
+    assert_eq!(plan_steps(100.0, 0.0, 0.0, 30, 1000), 0);
+    assert_eq!(plan_steps(f64::NAN, 1.0, 0.0, 30, 1000), 0);
+    // Half-second steps, no overhead: everything allowed.
+    assert_eq!(plan_steps(1e6, 0.5, 0.0, 30, 90), 90);
+}
+
+/// A time budget re-plans the run after its first epoch: a generous budget stretches a
+/// 100-step first plan to what the epochs allow (the cosine ends at its floor there), a
+/// budget already spent ends the run after epoch 1, and the plan survives a resume.
+#[test]
+fn time_budget_replans_after_the_first_epoch_and_survives_resume() {
+    let cfg = TgcConfig::tiny();
+    let pre = preprocess(&cfg);
+    let dir = tempfile::tempdir().unwrap();
+    let train = phantoms(12, 1, cfg.label_size); // 3 batches of 4 per epoch
+    let val = phantoms(4, 2, cfg.label_size);
+    let run = |budget: Option<f64>, name: &str| {
+        let m = model(&cfg);
+        let tc = TrainConfig {
+            epochs: 3,
+            schedule_steps: Some(100),
+            time_budget_secs: budget,
+            ..quiet(100)
+        };
+        let mut t = Trainer::new(
+            &m,
+            tc.clone(),
+            train.clone(),
+            val.clone(),
+            pre,
+            dir.path().join(name),
+        )
+        .unwrap();
+        let summary = t.fit().unwrap();
+        (tc, summary, t.planned_steps(), t.last_checkpoint())
+    };
+    let (tc, generous, planned, _) = run(Some(1e6), "generous");
+    assert_eq!(planned, Some(9));
+    assert_eq!(generous.steps, 9);
+    let last = generous.epochs.last().unwrap();
+    let min_lr = tc.lr * tc.min_lr_frac;
+    assert!(
+        (last.lr - min_lr).abs() < 1e-12,
+        "lr {} vs {min_lr}",
+        last.lr
+    );
+
+    let (_, spent, planned, last_ck) = run(Some(1e-3), "spent");
+    assert_eq!(planned, Some(3));
+    assert_eq!(spent.steps, 3);
+    assert_eq!(spent.epochs.len(), 1);
+
+    // A resumed run keeps the plan even without a budget of its own.
+    let m = model(&cfg);
+    let mut t = Trainer::new(
+        &m,
+        quiet(100),
+        train.clone(),
+        val.clone(),
+        pre,
+        dir.path().join("resumed"),
+    )
+    .unwrap();
+    t.resume(&last_ck).unwrap();
+    assert_eq!(t.planned_steps(), Some(3));
+    assert_eq!(t.fit().unwrap().steps, 3);
+}
