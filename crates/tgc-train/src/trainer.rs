@@ -39,6 +39,8 @@ use crate::{
 /// Metadata key of the step total planned from a time budget
 /// ([`TrainConfig::time_budget_secs`]); absent when no plan was made.
 pub const META_PLANNED_STEPS: &str = "tgc.planned_steps";
+/// Metadata key of the warm-up length of that plan.
+pub const META_PLANNED_WARMUP: &str = "tgc.planned_warmup";
 /// Metadata key of the position inside the current epoch (batches done).
 pub const META_BATCH_IN_EPOCH: &str = "tgc.batch_in_epoch";
 /// Metadata key of the early-stopping state (JSON).
@@ -97,13 +99,14 @@ pub struct TrainConfig {
     /// unsplit batch's up to floating-point rounding, and resuming stays bit-exact for
     /// the same setting.
     pub data_parallel: usize,
-    /// Fit the run into this many seconds of [`Trainer::fit`] (None). After the first
-    /// whole epoch the trainer measures its seconds per step and per validation (with
-    /// checkpointing) and re-plans: `max_steps` and the cosine schedule's length become
+    /// Fit the run into this many seconds of [`Trainer::fit`] (None). After every whole
+    /// epoch the trainer measures its average seconds per step and per validation (with
+    /// checkpointing) so far and re-plans: `max_steps` and the cosine schedule's length become
     /// the most steps whose training and validations end within the budget less 3%
-    /// (never more than `epochs` allow; the warm-up keeps its length). `max_steps` /
+    /// (never more than `epochs` allow; a warm-up still running is shortened to
+    /// `warmup_frac` of the new total, never below the steps taken). `max_steps` /
     /// `schedule_steps` set here are the plan for the first epoch only. The plan goes into
-    /// the checkpoints, so a resumed run keeps it. A time-planned run depends on the
+    /// the checkpoints, so a resumed run keeps it (and does not re-plan). A time-planned run depends on the
     /// machine's speed, so two runs need not take the same number of steps.
     pub time_budget_secs: Option<f64>,
 }
@@ -689,6 +692,10 @@ impl<'a> Trainer<'a> {
         meta.insert(META_EARLY_STOP.to_string(), self.early.to_json());
         if let Some(p) = self.planned_steps {
             meta.insert(META_PLANNED_STEPS.to_string(), p.to_string());
+            meta.insert(
+                META_PLANNED_WARMUP.to_string(),
+                self.schedule.warmup_steps.to_string(),
+            );
         }
         checkpoint::save_checkpoint(path, &tensors, &meta)
     }
@@ -705,7 +712,10 @@ impl<'a> Trainer<'a> {
         self.best = ck.meta_parse(META_BEST_METRIC)?;
         self.early = EarlyStopping::from_json(ck.meta(META_EARLY_STOP)?)?;
         if ck.meta(META_PLANNED_STEPS).is_ok() {
-            self.apply_plan(ck.meta_parse(META_PLANNED_STEPS)?)?;
+            self.apply_plan(
+                ck.meta_parse(META_PLANNED_STEPS)?,
+                ck.meta_parse(META_PLANNED_WARMUP)?,
+            )?;
         }
         Ok(())
     }
@@ -716,19 +726,34 @@ impl<'a> Trainer<'a> {
         self.planned_steps
     }
 
-    /// Makes `total` the run's step count and the cosine schedule's length.
-    fn apply_plan(&mut self, total: u64) -> Result<()> {
+    /// Makes `total` the run's step count and the cosine schedule's length, with a
+    /// warm-up of `warmup` steps.
+    fn apply_plan(&mut self, total: u64, warmup: u64) -> Result<()> {
         let total = total.max(1);
         self.planned_steps = Some(total);
         self.cfg.max_steps = Some(total);
         self.cfg.schedule_steps = Some(total);
         self.schedule = WarmupCosine::new(
             self.schedule.base_lr,
-            self.schedule.warmup_steps.min(total),
+            warmup.min(total),
             total,
             self.schedule.min_lr,
         )?;
         Ok(())
+    }
+
+    /// The warm-up of a plan made at the current step: unchanged once it is over;
+    /// while it lasts (a first plan over many epochs, as `tgc train` makes without
+    /// `schedule_steps`), shortened to `warmup_frac` of the new total but not below the
+    /// steps already taken, so the lr never steps back.
+    fn planned_warmup(&self, total: u64) -> u64 {
+        let old = self.schedule.warmup_steps;
+        let step = self.opt.steps();
+        if step >= old {
+            return old;
+        }
+        let wanted = ((total as f64) * self.cfg.warmup_frac).round() as u64;
+        wanted.max(step).min(old)
     }
 
     /// The loss of one training batch and the gradients of the trainable parameters,
@@ -816,6 +841,12 @@ impl<'a> Trainer<'a> {
         };
         let mut records = vec![];
         let fit_start = Instant::now();
+        // A run planned by time re-plans after each of its epochs from the average speed
+        // so far (a machine's speed drifts by 10-30% over half an hour); a run resumed
+        // after its plan was made keeps that plan.
+        let replans = self.cfg.time_budget_secs.is_some() && self.planned_steps.is_none();
+        let (mut timed_secs, mut timed_steps, mut timed_overhead, mut timed_epochs) =
+            (0f64, 0usize, 0f64, 0usize);
         while self.epoch < self.cfg.epochs {
             let per_epoch = self.train.num_batches();
             let bar = bar(
@@ -921,20 +952,24 @@ impl<'a> Trainer<'a> {
                 self.out_dir.join("curves.png"),
                 &crate::PlotConfig::default(),
             );
-            if let (Some(budget), None, false, true) = (
+            if let (Some(budget), true, false, true) = (
                 self.cfg.time_budget_secs,
-                self.planned_steps,
+                replans,
                 stopped_early,
                 n_batches > 0,
             ) {
-                let step_secs = seconds / n_batches as f64;
-                let overhead = start.elapsed().as_secs_f64() - seconds;
+                timed_secs += seconds;
+                timed_steps += n_batches;
+                timed_overhead += start.elapsed().as_secs_f64() - seconds;
+                timed_epochs += 1;
+                let step_secs = timed_secs / timed_steps as f64;
+                let overhead = timed_overhead / timed_epochs as f64;
                 let remaining = budget * 0.97 - fit_start.elapsed().as_secs_f64();
                 let per_epoch = per_epoch as u64;
                 let left = (self.cfg.epochs - self.epoch) as u64 * per_epoch;
                 let more = plan_steps(remaining, step_secs, overhead, per_epoch, left);
                 let total = self.opt.steps() + more;
-                self.apply_plan(total)?;
+                self.apply_plan(total, self.planned_warmup(total))?;
                 self.save(&self.last_checkpoint())?;
                 let msg = format!(
                     "time budget {budget:.0} s: {step_secs:.3} s/step, {overhead:.1} s per \

@@ -357,6 +357,11 @@ fn time_budget_replans_after_the_first_epoch_and_survives_resume() {
     assert_eq!(planned, Some(3));
     assert_eq!(spent.steps, 3);
     assert_eq!(spent.epochs.len(), 1);
+    // The first plan's warm-up (5% of 100 steps) was still running at step 3: the new
+    // plan shortens it to the steps taken (5% of 3 rounds to 0).
+    let ck = tgc_train::checkpoint::load_checkpoint(&last_ck, &Device::Cpu).unwrap();
+    assert_eq!(ck.meta(tgc_train::META_PLANNED_STEPS).unwrap(), "3");
+    assert_eq!(ck.meta(tgc_train::META_PLANNED_WARMUP).unwrap(), "3");
 
     // A resumed run keeps the plan even without a budget of its own.
     let m = model(&cfg);
