@@ -73,8 +73,8 @@ struct Args {
     /// Time budget in minutes, from the start of the program to the end of the last
     /// validation: two short probe runs (their own models, the same feature cache)
     /// measure seconds per step for a first plan (training in 80% of the budget), and
-    /// after the first epoch the trainer re-plans from the epoch's measured step and
-    /// validation times so that the run ends within the budget less 3%
+    /// after every epoch the trainer re-plans from the measured step and validation
+    /// times so far so that the run ends within the budget less 3%
     /// (`TrainConfig::time_budget_secs`). An estimate, not a hard deadline.
     #[arg(long)]
     minutes: Option<f64>,

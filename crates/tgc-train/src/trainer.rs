@@ -100,13 +100,13 @@ pub struct TrainConfig {
     /// the same setting.
     pub data_parallel: usize,
     /// Fit the run into this many seconds of [`Trainer::fit`] (None). After every whole
-    /// epoch the trainer measures its average seconds per step and per validation (with
-    /// checkpointing) so far and re-plans: `max_steps` and the cosine schedule's length become
-    /// the most steps whose training and validations end within the budget less 3%
-    /// (never more than `epochs` allow; a warm-up still running is shortened to
-    /// `warmup_frac` of the new total, never below the steps taken). `max_steps` /
-    /// `schedule_steps` set here are the plan for the first epoch only. The plan goes into
-    /// the checkpoints, so a resumed run keeps it (and does not re-plan). A time-planned run depends on the
+    /// epoch the trainer measures its average seconds per step and per validation so far
+    /// and re-plans: `max_steps` and the cosine schedule's length become the most steps
+    /// whose training and validations end within the budget less 3% (never more than
+    /// `epochs` allow; a warm-up still running is shortened to `warmup_frac` of the new
+    /// total, never below the steps taken). `max_steps` / `schedule_steps` set here are
+    /// the plan for the first epoch only. The plan goes into the checkpoints, so a
+    /// resumed run keeps it (and does not re-plan). A time-planned run depends on the
     /// machine's speed, so two runs need not take the same number of steps.
     pub time_budget_secs: Option<f64>,
 }
@@ -942,16 +942,7 @@ impl<'a> Trainer<'a> {
             let verdict =
                 (!stopped_early).then(|| self.early.update(self.epoch as u64, summary.dice));
             let stop = self.cfg.patience > 0 && verdict == Some(Verdict::Stop);
-            if summary.dice > self.best {
-                self.best = summary.dice;
-                self.save(&self.best_checkpoint())?;
-            }
-            self.save(&self.last_checkpoint())?;
-            let _ = crate::plot_curves_from_jsonl(
-                &log_path,
-                self.out_dir.join("curves.png"),
-                &crate::PlotConfig::default(),
-            );
+            // Planned before the checkpoints are written, so they carry the plan.
             if let (Some(budget), true, false, true) = (
                 self.cfg.time_budget_secs,
                 replans,
@@ -960,6 +951,7 @@ impl<'a> Trainer<'a> {
             ) {
                 timed_secs += seconds;
                 timed_steps += n_batches;
+                // Validation; the checkpoints written next take a small fraction of it.
                 timed_overhead += start.elapsed().as_secs_f64() - seconds;
                 timed_epochs += 1;
                 let step_secs = timed_secs / timed_steps as f64;
@@ -970,10 +962,9 @@ impl<'a> Trainer<'a> {
                 let more = plan_steps(remaining, step_secs, overhead, per_epoch, left);
                 let total = self.opt.steps() + more;
                 self.apply_plan(total, self.planned_warmup(total))?;
-                self.save(&self.last_checkpoint())?;
                 let msg = format!(
                     "time budget {budget:.0} s: {step_secs:.3} s/step, {overhead:.1} s per \
-                     validation and checkpoint, {remaining:.0} s left (3% spare) -> {total} \
+                     validation, {remaining:.0} s left (3% spare) -> {total} \
                      steps in all ({more} more)"
                 );
                 tracing::info!("{msg}");
@@ -981,6 +972,16 @@ impl<'a> Trainer<'a> {
                     eprintln!("{msg}");
                 }
             }
+            if summary.dice > self.best {
+                self.best = summary.dice;
+                self.save(&self.best_checkpoint())?;
+            }
+            self.save(&self.last_checkpoint())?;
+            let _ = crate::plot_curves_from_jsonl(
+                &log_path,
+                self.out_dir.join("curves.png"),
+                &crate::PlotConfig::default(),
+            );
             if stop {
                 break;
             }
