@@ -94,6 +94,27 @@ struct Args {
     /// preset has it on, `paper` and `tiny` off). Not in the paper: see tgc-decoder.
     #[arg(long)]
     text_film: Option<bool>,
+    /// Random rotation of training images up to this many degrees either way (0: off;
+    /// `TrainConfig::max_rotation_deg`). Augmented features are recomputed every step.
+    #[arg(long, default_value_t = 0.0)]
+    rotate: f32,
+    /// Random zoom of training images drawn in LO,HI, e.g. `0.9,1.1` (default 1,1: off;
+    /// `TrainConfig::scale_range`).
+    #[arg(long, value_parser = parse_range, default_value = "1,1")]
+    scale: (f32, f32),
+}
+
+/// Parses `LO,HI` into a pair of numbers.
+fn parse_range(s: &str) -> std::result::Result<(f32, f32), String> {
+    let (lo, hi) = s
+        .split_once(',')
+        .ok_or_else(|| format!("expected LO,HI (e.g. 0.9,1.1), got {s:?}"))?;
+    let num = |x: &str| {
+        x.trim()
+            .parse::<f32>()
+            .map_err(|e| format!("{x:?} in {s:?}: {e}"))
+    };
+    Ok((num(lo)?, num(hi)?))
 }
 
 fn weights(spec: &str) -> WeightSource {
@@ -236,6 +257,8 @@ fn run() -> Result<()> {
                 overlays: 0,
                 cache_dir: Some(args.out.join("feature-cache")),
                 data_parallel,
+                max_rotation_deg: args.rotate,
+                scale_range: args.scale,
                 ..TrainConfig::for_dataset("qata")
             };
             let mut t = Trainer::new(
@@ -280,6 +303,8 @@ fn run() -> Result<()> {
         time_budget_secs: args
             .minutes
             .map(|m| m * 60.0 - program_start.elapsed().as_secs_f64()),
+        max_rotation_deg: args.rotate,
+        scale_range: args.scale,
         ..TrainConfig::for_dataset("qata")
     };
     let batch = tc.batch_size;

@@ -237,6 +237,13 @@ impl AugmentParams {
         x.copy_from_slice(&b.as_bytes()[..8]);
         u64::from_le_bytes(x) | (1 << 63)
     }
+
+    /// Whether a [`Self::variant`] id is one of the discrete, cacheable variants
+    /// (identity or flip) rather than a continuous one (any rotation or scaling), which
+    /// almost never repeats and so is not worth caching.
+    pub fn is_discrete_variant(variant: u64) -> bool {
+        variant >> 63 == 0
+    }
 }
 
 /// Output-normalised -> source-normalised coordinate map (centred coordinates).

@@ -3,7 +3,9 @@
 //! The frozen towers' outputs are computed once per (image, augmentation variant) and per
 //! prompt and kept in a [`FeatureStore`] (in memory, plus an on-disk
 //! [`tgc_data::FeatureCache`] for images when a cache folder is given); every step then
-//! runs only the trainable modules.
+//! runs only the trainable modules. Random rotations and zooms
+//! ([`TrainConfig::max_rotation_deg`], [`TrainConfig::scale_range`]) give continuous
+//! variants that never repeat: those are computed on every step and never stored.
 //!
 //! When the model fine-tunes CLIP's vision tower (`TgcConfig::clip_finetune` not
 //! `frozen`), image features change with every update: the store then never caches or
@@ -26,7 +28,8 @@ use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use tgc_data::{
-    Augment, Batch, DataLoader, FeatureCache, MetricsSummary, Preprocess, SegDataset, SegMetrics,
+    Augment, AugmentParams, Batch, DataLoader, FeatureCache, MetricsSummary, Preprocess,
+    SegDataset, SegMetrics,
 };
 use tgc_model::{ImageFeatures, PromptFeatures, TgcNet};
 
@@ -83,6 +86,15 @@ pub struct TrainConfig {
     pub patience: u32,
     /// Horizontal flips (with left/right swapped in the prompts); cacheable.
     pub flip: bool,
+    /// Random rotation of every training sample, drawn uniformly in
+    /// `[-max_rotation_deg, max_rotation_deg]` degrees (0: off). Rotated and scaled
+    /// samples are continuous variants: their frozen features are computed every step and
+    /// never cached (the identity and flipped variants still are), so on a preset with
+    /// an expensive CLIP this costs the tower's forward pass per image.
+    pub max_rotation_deg: f32,
+    /// Random isotropic zoom of every training sample, drawn uniformly in `[lo, hi]`
+    /// (`[1, 1]`: off; > 1 enlarges the content). Not cacheable, as for rotations.
+    pub scale_range: (f32, f32),
     /// Folder of the on-disk image feature cache (none: memory only).
     pub cache_dir: Option<PathBuf>,
     /// Keep frozen features in memory between epochs (false: recompute every step, the
@@ -127,6 +139,8 @@ impl Default for TrainConfig {
             seed: 42,
             patience: 10,
             flip: true,
+            max_rotation_deg: 0.0,
+            scale_range: (1.0, 1.0),
             cache_dir: None,
             use_cache: true,
             overlays: 4,
@@ -138,6 +152,30 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The training augmentation these settings describe, checked: rotation finite and
+    /// non-negative, `0 < lo <= hi` finite.
+    pub fn augment(&self) -> Result<Augment> {
+        let (lo, hi) = self.scale_range;
+        if !(self.max_rotation_deg.is_finite() && self.max_rotation_deg >= 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "max_rotation_deg must be a finite number >= 0, got {}",
+                self.max_rotation_deg
+            )));
+        }
+        if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi) {
+            return Err(Error::InvalidArgument(format!(
+                "scale_range must satisfy 0 < lo <= hi, got ({lo}, {hi})"
+            )));
+        }
+        let geometric = self.max_rotation_deg > 0.0 || (lo, hi) != (1.0, 1.0);
+        Ok(Augment {
+            enabled: self.flip || geometric,
+            hflip_prob: if self.flip { 0.5 } else { 0.0 },
+            max_rotation_deg: self.max_rotation_deg,
+            scale_range: (lo, hi),
+        })
+    }
+
     /// The paper's learning rate for a dataset: `qata` 2e-5, `mosmed` 5e-4, `ct` 2e-4.
     pub fn for_dataset(name: &str) -> Self {
         let lr = match name {
@@ -181,7 +219,14 @@ impl FeatureStore {
         let n = batch.len();
         let mut out: Vec<Option<ImageFeatures>> = vec![None; n];
         let mut missing = vec![];
+        let mut transient = vec![false; n];
         for (i, slot) in out.iter_mut().enumerate() {
+            // Rotated or scaled samples never repeat: computed, used once, not stored.
+            if !AugmentParams::is_discrete_variant(batch.variants[i]) {
+                transient[i] = true;
+                missing.push(i);
+                continue;
+            }
             let key = (batch.image_hashes[i], batch.variants[i]);
             if let Some(f) = self.images.get(&key) {
                 *slot = Some(f.clone());
@@ -215,6 +260,10 @@ impl FeatureStore {
         for &i in &missing {
             let img = batch.clip_images.narrow(0, i, 1)?;
             let mut one = model.towers().encode_images(&img).map_err(model_err)?;
+            if transient[i] {
+                out[i] = Some(one);
+                continue;
+            }
             if let Some(disk) = &self.disk {
                 // The disk cache stores f16: use the rounded values from the start, so an
                 // epoch that reads the cache sees exactly what the first one computed.
@@ -570,11 +619,7 @@ impl<'a> Trainer<'a> {
                 "batch_size and epochs must be positive".into(),
             ));
         }
-        let augment = if cfg.flip {
-            Augment::flip_only()
-        } else {
-            Augment::off()
-        };
+        let augment = cfg.augment()?;
         let loader = DataLoader::new(
             train,
             preprocess,

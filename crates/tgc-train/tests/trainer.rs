@@ -101,6 +101,117 @@ fn resume_equals_straight_through(data_parallel: usize) {
     assert!(changed, "training did not change the weights");
 }
 
+/// Rotations and zooms: a resumed run repeats the same draws (bit-exact weights), the
+/// augmentation changes what is learned, and only the discrete variants reach the disk
+/// cache (here none from training: every sample gets a continuous variant).
+#[test]
+fn geometric_augmentation_resumes_exactly_and_skips_the_cache() {
+    let cfg = TgcConfig::tiny();
+    let pre = preprocess(&cfg);
+    let train = phantoms(12, 1, cfg.label_size);
+    let dir = tempfile::tempdir().unwrap();
+    let aug = |steps, cache: &str| TrainConfig {
+        max_rotation_deg: 10.0,
+        scale_range: (0.9, 1.1),
+        cache_dir: Some(dir.path().join(cache)),
+        ..quiet(steps)
+    };
+    let val = || phantoms(4, 2, cfg.label_size);
+
+    let a = model(&cfg);
+    Trainer::new(
+        &a,
+        aug(6, "cache-a"),
+        train.clone(),
+        val(),
+        pre,
+        dir.path().join("a"),
+    )
+    .unwrap()
+    .fit()
+    .unwrap();
+    let b = model(&cfg);
+    let out_b = dir.path().join("b");
+    Trainer::new(&b, aug(4, "cache-b"), train.clone(), val(), pre, &out_b)
+        .unwrap()
+        .fit()
+        .unwrap();
+    let c = model(&cfg);
+    let mut t = Trainer::new(&c, aug(6, "cache-b"), train.clone(), val(), pre, &out_b).unwrap();
+    t.resume(out_b.join("last.safetensors")).unwrap();
+    t.fit().unwrap();
+    assert_eq!(t.steps(), 6);
+
+    // The same 6 steps with flips only.
+    let d = model(&cfg);
+    let flips = TrainConfig {
+        max_rotation_deg: 0.0,
+        scale_range: (1.0, 1.0),
+        ..aug(6, "cache-d")
+    };
+    Trainer::new(&d, flips, train.clone(), val(), pre, dir.path().join("d"))
+        .unwrap()
+        .fit()
+        .unwrap();
+
+    let (wa, wc, wd) = (
+        a.trainable_tensors(),
+        c.trainable_tensors(),
+        d.trainable_tensors(),
+    );
+    let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut differs_from_flips = false;
+    for (name, ta) in &wa {
+        assert!(flat(ta) == flat(&wc[name]), "{name} differs after resume");
+        differs_from_flips |= flat(ta) != flat(&wd[name]);
+    }
+    assert!(differs_from_flips, "rotations and zooms changed nothing");
+
+    // Cache entries: flips only caches every (image, flip) seen in training (12 images,
+    // 24 draws) besides the 4 validation images; with rotations and zooms training
+    // caches nothing, validation its 4 identity images.
+    let id = cfg.frozen_id("");
+    let entries = |name: &str| {
+        tgc_data::FeatureCache::open(dir.path().join(name), &id)
+            .unwrap()
+            .len()
+    };
+    assert!(entries("cache-d") >= 16, "{}", entries("cache-d"));
+    assert_eq!(entries("cache-a"), 4);
+
+    // Bad settings are refused with the field named.
+    for bad in [
+        TrainConfig {
+            max_rotation_deg: -1.0,
+            ..quiet(1)
+        },
+        TrainConfig {
+            scale_range: (1.2, 0.8),
+            ..quiet(1)
+        },
+        TrainConfig {
+            scale_range: (0.0, 1.0),
+            ..quiet(1)
+        },
+    ] {
+        let e = Trainer::new(
+            &model(&cfg),
+            bad,
+            train.clone(),
+            val(),
+            pre,
+            dir.path().join("e"),
+        )
+        .err()
+        .expect("bad augmentation accepted")
+        .to_string();
+        assert!(
+            e.contains("max_rotation_deg") || e.contains("scale_range"),
+            "{e}"
+        );
+    }
+}
+
 #[test]
 fn non_finite_loss_stops_the_run_naming_step_and_batch() {
     // A learning rate of 1e30 blows the weights up after the first update: the loss of
