@@ -219,12 +219,11 @@ impl FeatureStore {
         let n = batch.len();
         let mut out: Vec<Option<ImageFeatures>> = vec![None; n];
         let mut missing = vec![];
-        let mut transient = vec![false; n];
+        let mut transient: Vec<u32> = vec![];
         for (i, slot) in out.iter_mut().enumerate() {
             // Rotated or scaled samples never repeat: computed, used once, not stored.
             if !AugmentParams::is_discrete_variant(batch.variants[i]) {
-                transient[i] = true;
-                missing.push(i);
+                transient.push(i as u32);
                 continue;
             }
             let key = (batch.image_hashes[i], batch.variants[i]);
@@ -260,10 +259,6 @@ impl FeatureStore {
         for &i in &missing {
             let img = batch.clip_images.narrow(0, i, 1)?;
             let mut one = model.towers().encode_images(&img).map_err(model_err)?;
-            if transient[i] {
-                out[i] = Some(one);
-                continue;
-            }
             if let Some(disk) = &self.disk {
                 // The disk cache stores f16: use the rounded values from the start, so an
                 // epoch that reads the cache sees exactly what the first one computed.
@@ -289,6 +284,20 @@ impl FeatureStore {
                     .insert((batch.image_hashes[i], batch.variants[i]), one.clone());
             }
             out[i] = Some(one);
+        }
+        // Never cached, so they need not match a single-image pass: one batched pass is
+        // several times cheaper than one per image for a small tower, and still
+        // deterministic (the batch is the same on a resumed run).
+        if !transient.is_empty() {
+            let idx = Tensor::new(transient.as_slice(), batch.clip_images.device())?;
+            let imgs = batch.clip_images.index_select(&idx, 0)?;
+            let all = model.towers().encode_images(&imgs).map_err(model_err)?;
+            for (row, &i) in transient.iter().enumerate() {
+                out[i as usize] = Some(ImageFeatures {
+                    patch_tokens: all.patch_tokens.narrow(0, row, 1)?,
+                    dense_embeds: all.dense_embeds.narrow(0, row, 1)?,
+                });
+            }
         }
         let items: Vec<&ImageFeatures> = out
             .iter()
