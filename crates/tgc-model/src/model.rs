@@ -42,8 +42,9 @@ pub struct ParamCounts {
     pub per_module: BTreeMap<String, usize>,
     /// Sum of the trainable parameters.
     pub trainable: usize,
-    /// Parameters of the CLIP towers that do not train (the fine-tuned vision
-    /// parameters are counted as trainable instead).
+    /// Parameters of the frozen towers: CLIP's vision and text towers (both loaded,
+    /// also when a BERT tower replaces CLIP's text tower) and the BERT text tower if
+    /// any. Fine-tuned CLIP vision parameters count as trainable instead.
     pub frozen: usize,
 }
 
@@ -226,7 +227,8 @@ impl TgcNet {
         ParamCounts {
             per_module,
             trainable,
-            frozen: clip_param_count(&self.cfg).saturating_sub(finetuned),
+            frozen: clip_param_count(&self.cfg).saturating_sub(finetuned)
+                + self.towers.bert_param_count().unwrap_or(0),
         }
     }
 

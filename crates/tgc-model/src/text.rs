@@ -20,8 +20,19 @@ pub const MINILM_FETCH_SCRIPT: &str = "weights/fetch_minilm.sh";
 pub struct BertTextTower {
     model: BertModel,
     tokenizer: Tokenizer,
+    params: usize,
     hidden: usize,
     device: Device,
+}
+
+/// Parameters of a BERT encoder without pooler: word, position and token-type
+/// embeddings with their LayerNorm, then per layer the q/k/v/output projections, two
+/// LayerNorms and the two FFN linears.
+fn bert_param_count(c: &BertConfig) -> usize {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let embeddings = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * h + 2 * h;
+    let layer = 4 * (h * h + h) + 2 * (2 * h) + (h * i + i) + (i * h + h);
+    embeddings + c.num_hidden_layers * layer
 }
 
 impl std::fmt::Debug for BertTextTower {
@@ -72,6 +83,7 @@ impl BertTextTower {
         Ok(Self {
             model,
             tokenizer,
+            params: bert_param_count(&config),
             hidden: config.hidden_size,
             device: device.clone(),
         })
@@ -80,6 +92,13 @@ impl BertTextTower {
     /// Width of the token states.
     pub fn hidden_size(&self) -> usize {
         self.hidden
+    }
+
+    /// Parameters the encoder holds (embeddings and layers; the pooler, which
+    /// sentence-transformers does not use, is not loaded): 22,565,376 for
+    /// all-MiniLM-L6-v2.
+    pub fn param_count(&self) -> usize {
+        self.params
     }
 
     /// Tokenises `texts` to `max_len` tokens (truncating, keeping `[SEP]`, padding with 0).

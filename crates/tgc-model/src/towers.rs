@@ -93,6 +93,11 @@ impl std::fmt::Debug for FrozenTowers {
 }
 
 impl FrozenTowers {
+    /// Parameters of the BERT text tower, when the config uses one.
+    pub fn bert_param_count(&self) -> Option<usize> {
+        self.bert.as_ref().map(BertTextTower::param_count)
+    }
+
     /// Loads the towers of `cfg` from `clip_weights` (a hub repo, a file, or random
     /// weights) on `device`.
     pub fn load(cfg: &TgcConfig, clip_weights: &WeightSource, device: &Device) -> Result<Self> {
