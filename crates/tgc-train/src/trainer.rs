@@ -285,9 +285,9 @@ impl FeatureStore {
             }
             out[i] = Some(one);
         }
-        // Never cached, so they need not match a single-image pass: one batched pass is
-        // several times cheaper than one per image for a small tower, and still
-        // deterministic (the batch is the same on a resumed run).
+        // Never cached, so they need not match a single-image pass: one batched pass
+        // saves the per-call overhead of a small tower (about 5% of a `tiny`-family step
+        // here) and stays deterministic (the batch is the same on a resumed run).
         if !transient.is_empty() {
             let idx = Tensor::new(transient.as_slice(), batch.clip_images.device())?;
             let imgs = batch.clip_images.index_select(&idx, 0)?;
