@@ -51,6 +51,9 @@ struct Args {
     /// Peak learning rate (the paper's 2e-5 for QaTa-COV19).
     #[arg(long, default_value_t = 2e-5)]
     lr: f64,
+    /// Images per optimiser step (the paper's 8; `TrainConfig::batch_size`).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
     /// Use only the first N training images.
     #[arg(long)]
     train_count: Option<usize>,
@@ -257,6 +260,7 @@ fn run() -> Result<()> {
                 overlays: 0,
                 cache_dir: Some(args.out.join("feature-cache")),
                 data_parallel,
+                batch_size: args.batch,
                 max_rotation_deg: args.rotate,
                 scale_range: args.scale,
                 ..TrainConfig::for_dataset("qata")
@@ -303,6 +307,7 @@ fn run() -> Result<()> {
         time_budget_secs: args
             .minutes
             .map(|m| m * 60.0 - program_start.elapsed().as_secs_f64()),
+        batch_size: args.batch,
         max_rotation_deg: args.rotate,
         scale_range: args.scale,
         ..TrainConfig::for_dataset("qata")

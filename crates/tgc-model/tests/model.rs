@@ -67,6 +67,42 @@ fn quarter_stage_trains_every_parameter() {
     assert!(err.contains("clip_only"), "{err}");
 }
 
+/// Every model configuration shipped in `configs/` (the QaTa runs of docs/results.md and
+/// the probes under `configs/probes/`) parses, validates, builds, and trains every
+/// parameter: a stale field or a width mismatch there would otherwise surface only when
+/// someone reruns a documented command.
+#[test]
+fn committed_configs_build_and_train_every_parameter() {
+    fn json_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                json_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "json") {
+                out.push(path);
+            }
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut files = Vec::new();
+    json_files(&root, &mut files);
+    files.sort();
+    assert!(
+        files.len() >= 5,
+        "expected the committed configs, found {files:?}"
+    );
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let cfg: TgcConfig = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()));
+        cfg.validate()
+            .unwrap_or_else(|e| panic!("{} is invalid: {e}", path.display()));
+        // Printed so that a failing gradient check names the file.
+        eprintln!("checking {}", path.display());
+        check_gradients(cfg, 1);
+    }
+}
+
 #[test]
 fn cpu_preset_trains_every_parameter() {
     check_gradients(TgcConfig::cpu(), 1);
