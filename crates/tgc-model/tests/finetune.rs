@@ -8,32 +8,12 @@ use candle_core::{DType, Device, Tensor};
 use tgc_model::finetune::clip_vision_var_name;
 use tgc_model::{ClipFinetune, SseMode, TgcConfig, TgcInput, TgcNet, WeightSource};
 
-/// Deterministic pseudo-random values in [-1, 1).
-fn pseudo(shape: &[usize], seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+mod common;
+use common::{pseudo, step_off_and_check_gradients};
 
+/// `b` images with one prompt each.
 fn input(cfg: &TgcConfig, b: usize, seed: u64) -> TgcInput {
-    TgcInput {
-        clip_images: pseudo(&[b, 3, cfg.clip_size, cfg.clip_size], seed),
-        cnn_images: pseudo(&[b, 3, cfg.cnn_size, cfg.cnn_size], seed + 1),
-        prompts: (0..b)
-            .map(|i| vec![format!("opacity in the {} lung", ["left", "right"][i % 2])])
-            .collect(),
-        aux_prompts: None,
-    }
+    common::input(cfg, b, 1, seed)
 }
 
 fn model(cfg: &TgcConfig, seed: u64) -> TgcNet {
@@ -154,7 +134,7 @@ fn check_gradients(cfg: TgcConfig) {
     let name = format!("{:?}/{:?}", cfg.sse.mode, cfg.clip_finetune);
     let m = model(&cfg, 1);
     let inp = input(&cfg, 2, 7);
-    let target = pseudo(&[2, 1, cfg.label_size, cfg.label_size], 11)
+    let target = pseudo(&[2, 1, cfg.label_size, cfg.label_size], 11, &Device::Cpu)
         .ge(0.4)
         .unwrap()
         .to_dtype(DType::F32)
@@ -168,26 +148,8 @@ fn check_gradients(cfg: TgcConfig) {
             .mean_all()
             .unwrap()
     };
-    let grads = loss().backward().unwrap();
-    for (_, v) in m.trainable_vars() {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            v.set(&(v.as_tensor() - (g * 0.05).unwrap()).unwrap())
-                .unwrap();
-        }
-    }
-    let grads = loss().backward().unwrap();
-    let vars = m.trainable_vars();
-    assert!(
-        vars.iter().any(|(n, _)| n.starts_with("clip_vision.")),
-        "{name}"
-    );
-    for (n, v) in vars {
-        let g = grads
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: {n} received no gradient"));
-        let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
-        assert!(s.is_finite() && s > 0.0, "{name}: {n} gradient sum {s}");
-    }
+    assert!(!clip_vars(&m).is_empty(), "{name}: no CLIP variables");
+    step_off_and_check_gradients(&m, &name, loss);
     let (primary, _) = m.encode_prompts(&inp.prompts, None).unwrap();
     assert!(
         !primary.states.track_op(),
@@ -234,7 +196,9 @@ fn finetuned_checkpoints_round_trip_and_frozen_ones_are_rejected() {
     // Move the CLIP weights away from the pretrained ones, as training would.
     for (n, v) in a.trainable_vars() {
         if n.starts_with("clip_vision.") {
-            let shifted = (v.as_tensor() + pseudo(v.dims(), 9).affine(0.01, 0.0).unwrap()).unwrap();
+            let shifted = (v.as_tensor()
+                + pseudo(v.dims(), 9, &Device::Cpu).affine(0.01, 0.0).unwrap())
+            .unwrap();
             v.set(&shifted).unwrap();
         }
     }

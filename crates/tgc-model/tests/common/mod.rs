@@ -44,13 +44,33 @@ pub fn input(cfg: &TgcConfig, b: usize, k: usize, seed: u64) -> TgcInput {
     }
 }
 
-/// Forward + squared-error loss + backward; asserts every trainable variable got a finite,
-/// non-zero gradient and the frozen features none.
+/// One SGD step (0.05) on `loss`'s gradients, then asserts that the second backward gives
+/// every trainable variable of `model` a finite, non-zero gradient.
 ///
 /// Deformable DETR initialises the sampling-offset and attention-weight projections to
 /// zero, so at the exact initial point the level embedding (which only enters through
-/// them) has a zero gradient by construction. One small SGD step moves off that point;
-/// the check runs on the second backward.
+/// them) has a zero gradient by construction. The step moves off that point.
+pub fn step_off_and_check_gradients(model: &TgcNet, name: &str, loss: impl Fn() -> Tensor) {
+    let grads = loss().backward().unwrap();
+    for (_, v) in model.trainable_vars() {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            v.set(&(v.as_tensor() - (g * 0.05).unwrap()).unwrap())
+                .unwrap();
+        }
+    }
+    let grads = loss().backward().unwrap();
+    for (n, v) in model.trainable_vars() {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: {n} received no gradient"));
+        let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(s.is_finite() && s > 0.0, "{name}: {n} gradient sum {s}");
+    }
+}
+
+/// Forward on precomputed features + squared-error loss; every trainable variable gets a
+/// finite, non-zero gradient ([`step_off_and_check_gradients`]) and the frozen features
+/// none.
 pub fn check_gradients(cfg: TgcConfig, k: usize) {
     let name = format!(
         "{:?}/{:?}/{:?} k={k}",
@@ -65,7 +85,7 @@ pub fn check_gradients(cfg: TgcConfig, k: usize) {
         .unwrap()
         .to_dtype(DType::F32)
         .unwrap();
-    let loss = || {
+    step_off_and_check_gradients(&model, &name, || {
         let logits = model
             .forward_features(&image, &inp.cnn_images, &primary, aux.as_ref(), k, true)
             .unwrap();
@@ -76,28 +96,7 @@ pub fn check_gradients(cfg: TgcConfig, k: usize) {
             .unwrap()
             .mean_all()
             .unwrap()
-    };
-    let grads = loss().backward().unwrap();
-    for (_, v) in model.trainable_vars() {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            v.set(&(v.as_tensor() - (g * 0.05).unwrap()).unwrap())
-                .unwrap();
-        }
-    }
-    let grads = loss().backward().unwrap();
-    for (n, v) in model.trainable_vars() {
-        let g = grads
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: {n} received no gradient"));
-        let s = g
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(s.is_finite() && s > 0.0, "{name}: {n} gradient sum {s}");
-    }
+    });
     // The frozen towers record no graph: no gradient can flow into their weights, and the
     // only variables are the trainable ones.
     for (what, t) in [
