@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tgc::data::{LvitDataset, Preprocess, Sample, SegDataset, Split, SplitMix64, Subset};
 use tgc::model::{TgcConfig, TgcNet, WeightSource};
-use tgc::train::{evaluate, FeatureStore, TrainConfig, Trainer};
+use tgc::train::{evaluate, FeatureStore, TrainConfig, Trainer, Tta};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -342,9 +342,16 @@ fn run() -> Result<()> {
                 .with_context(|| format!("loading {}", summary.best_checkpoint.display()))?;
         }
         let mut store = FeatureStore::new(None, &pre, true);
-        let (own, _) = evaluate(&model, val.clone(), pre, batch, &mut store, true, |_, _| {
-            Ok(())
-        })?;
+        let (own, _) = evaluate(
+            &model,
+            val.clone(),
+            pre,
+            batch,
+            &mut store,
+            true,
+            Tta::None,
+            |_, _| Ok(()),
+        )?;
         let shuffled: Arc<dyn SegDataset> = Arc::new(ShuffledCaptions::new(val, 7));
         let (shuf, _) = evaluate(
             &model,
@@ -353,6 +360,7 @@ fn run() -> Result<()> {
             batch,
             &mut store,
             true,
+            Tta::None,
             |_, _| Ok(()),
         )?;
         println!(

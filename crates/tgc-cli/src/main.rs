@@ -4,6 +4,7 @@
 //! ```sh
 //! tgc train --preset tiny --phantoms ct --out runs/demo
 //! tgc eval --checkpoint runs/demo/best.safetensors --phantoms ct --csv scores.csv
+//! tgc eval --checkpoint runs/demo/best.safetensors --phantoms ct --tta flip
 //! tgc predict --checkpoint runs/demo/best.safetensors --image x.png \
 //!     --text "left lung opacity" --out mask.png --overlay overlay.png
 //! tgc info --preset paper
@@ -25,7 +26,7 @@ use tgc_data::{
     FeatureCache, HuWindow, Mask, Preprocess, Sample, SegDataset, Volume,
 };
 use tgc_model::{TgcConfig, TgcNet, WeightSource, CONFIG_METADATA_KEY};
-use tgc_train::{evaluate, FeatureStore, Trainer};
+use tgc_train::{evaluate, FeatureStore, Trainer, Tta};
 
 use run::RunFile;
 
@@ -126,6 +127,10 @@ struct EvalArgs {
     /// Show a progress bar.
     #[arg(long)]
     progress: bool,
+    /// Test-time augmentation: none, or flip (also the mirrored image with "left" and
+    /// "right" swapped in its caption; the two probability maps averaged, twice the cost).
+    #[arg(long, default_value = "none")]
+    tta: Tta,
 }
 
 #[derive(clap::Args, Debug)]
@@ -481,6 +486,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         a.batch_size,
         &mut store,
         a.progress,
+        a.tta,
         |_, _| Ok(()),
     )?;
     println!("dataset   {} ({} images)", ds.name(), ds.len());

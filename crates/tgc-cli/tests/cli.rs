@@ -117,6 +117,33 @@ fn train_eval_predict_on_phantoms() {
         / val_count as f64;
     assert!((mean - dice).abs() < 1e-4, "{mean} vs {dice}");
 
+    // Flip test-time augmentation is accepted and gives a valid Dice (the averaging itself
+    // is checked against an oracle in tgc-train's tests); an unknown one is refused.
+    let eval_tta = |tta: &str| {
+        tgc()
+            .args(["eval", "--phantoms", "ct", "--count"])
+            .arg(val_count.to_string())
+            .args(["--tta", tta, "--checkpoint"])
+            .arg(&ck)
+            .output()
+            .expect("runs")
+    };
+    let out = eval_tta("flip");
+    assert!(out.status.success(), "{out:?}");
+    let s = String::from_utf8_lossy(&out.stdout);
+    let flip_dice: f64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("Dice "))
+        .expect("Dice line")
+        .trim()
+        .parse()
+        .expect("Dice is a number");
+    assert!((0.0..=1.0).contains(&flip_dice), "{flip_dice}");
+    let out = eval_tta("mirror");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mirror") && err.contains("flip"), "{err}");
+
     // predict: a 96 px phantom -> mask at the input size, or at the label size (64).
     let img = dir.path().join("x.png");
     let (caption, size) = write_phantom(&img, 96);

@@ -104,5 +104,5 @@ pub use schedule::WarmupCosine;
 pub use threads::{default_data_parallel, tune_cpu_threads};
 pub use trainer::{
     batch_logits, evaluate, plan_steps, EpochRecord, FeatureStore, ImageFeatureSource, ImageScore,
-    TrainConfig, TrainSummary, Trainer, META_PLANNED_STEPS, META_PLANNED_WARMUP,
+    TrainConfig, TrainSummary, Trainer, Tta, META_PLANNED_STEPS, META_PLANNED_WARMUP,
 };

@@ -455,8 +455,44 @@ pub struct ImageScore {
     pub iou: f64,
 }
 
+/// Test-time augmentation for [`evaluate`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tta {
+    /// One pass per image (what the paper and LViT report).
+    #[default]
+    None,
+    /// A second pass on the mirrored image with "left" and "right" swapped in its prompts
+    /// (the same flip as the training augmentation); its probabilities are mirrored back
+    /// and averaged with the plain pass. Twice the evaluation cost.
+    Flip,
+}
+
+impl std::str::FromStr for Tta {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Tta::None),
+            "flip" => Ok(Tta::Flip),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown test-time augmentation {other:?} (expected none or flip)"
+            ))),
+        }
+    }
+}
+
+/// `x` (`... x W`) mirrored along its last axis.
+fn mirror_width(x: &Tensor) -> Result<Tensor> {
+    let w = x.dim(candle_core::D::Minus1)?;
+    let idx: Vec<u32> = (0..w as u32).rev().collect();
+    let idx = Tensor::new(idx.as_slice(), x.device())?;
+    Ok(x.index_select(&idx, x.rank() - 1)?)
+}
+
 /// Evaluates `model` on `dataset` (no augmentation): LViT metrics and per-image scores.
-/// Calls `on_batch(batch, probs)` for every batch (for overlays or predictions).
+/// With [`Tta::Flip`] every probability map is the mean of the plain and the mirrored
+/// pass. Calls `on_batch(batch, probs)` for every batch (for overlays or predictions).
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &TgcNet,
     dataset: Arc<dyn SegDataset>,
@@ -464,22 +500,43 @@ pub fn evaluate(
     batch_size: usize,
     store: &mut FeatureStore,
     progress: bool,
+    tta: Tta,
     mut on_batch: impl FnMut(&Batch, &Tensor) -> Result<()>,
 ) -> Result<(MetricsSummary, Vec<ImageScore>)> {
-    let loader = DataLoader::new(
-        dataset,
-        preprocess,
-        batch_size,
-        None,
-        Augment::off(),
-        model.device().clone(),
-    );
-    let bar = bar(loader.num_batches() as u64, progress, "eval");
+    let loader = |augment| {
+        DataLoader::new(
+            dataset.clone(),
+            preprocess,
+            batch_size,
+            None,
+            augment,
+            model.device().clone(),
+        )
+    };
+    let plain = loader(Augment::off());
+    // Same order, no shuffling: batch k of both loaders holds the same samples.
+    let mut mirrored = match tta {
+        Tta::None => None,
+        Tta::Flip => Some(loader(Augment::always_flip()).epoch(0)),
+    };
+    let bar = bar(plain.num_batches() as u64, progress, "eval");
     let mut metrics = SegMetrics::new();
     let mut scores = vec![];
-    for batch in loader.epoch(0) {
+    for batch in plain.epoch(0) {
         let batch = batch?;
-        let probs = candle_nn::ops::sigmoid(&batch_logits(model, store, &batch, false)?)?;
+        let mut probs = candle_nn::ops::sigmoid(&batch_logits(model, store, &batch, false)?)?;
+        if let Some(mirrored) = mirrored.as_mut() {
+            let flipped = mirrored.next().ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{}: the mirrored pass ran out of batches",
+                    dataset.name()
+                ))
+            })??;
+            let back = mirror_width(&candle_nn::ops::sigmoid(&batch_logits(
+                model, store, &flipped, false,
+            )?)?)?;
+            probs = ((probs + back)? * 0.5)?;
+        }
         metrics.update(&probs, &batch.masks)?;
         for i in 0..batch.len() {
             let mut one = SegMetrics::new();
@@ -1064,6 +1121,7 @@ impl<'a> Trainer<'a> {
             self.cfg.batch_size,
             &mut self.store,
             self.cfg.progress,
+            Tta::None,
             |batch, probs| {
                 if written >= overlays {
                     return Ok(());

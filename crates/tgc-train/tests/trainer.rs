@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use candle_core::Device;
-use tgc_data::{PhantomKind, Preprocess, SegDataset, SyntheticPhantoms};
+use tgc_data::{swap_left_right, PhantomKind, Preprocess, Sample, SegDataset, SyntheticPhantoms};
 use tgc_model::{TgcConfig, TgcNet, WeightSource};
-use tgc_train::{TrainConfig, Trainer};
+use tgc_train::{evaluate, FeatureStore, TrainConfig, Trainer, Tta};
 
 fn preprocess(cfg: &TgcConfig) -> Preprocess {
     Preprocess {
@@ -488,4 +488,110 @@ fn time_budget_replans_after_the_first_epoch_and_survives_resume() {
     t.resume(&last_ck).unwrap();
     assert_eq!(t.planned_steps(), Some(3));
     assert_eq!(t.fit().unwrap().steps, 3);
+}
+
+/// A dataset's mirror image built from its samples: every pixel row and mask row reversed
+/// and, when `swap_text`, "left"/"right" swapped in the captions. Independent of the
+/// loader's flip (which mirrors while resampling).
+struct Mirrored {
+    inner: Arc<dyn SegDataset>,
+    swap_text: bool,
+}
+
+impl SegDataset for Mirrored {
+    fn name(&self) -> &str {
+        "mirrored"
+    }
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn get(&self, i: usize) -> tgc_data::Result<Sample> {
+        let mut s = self.inner.get(i)?;
+        let w = s.image.width;
+        for row in s.image.data.chunks_mut(w) {
+            row.reverse();
+        }
+        for row in s.mask.data.chunks_mut(s.mask.width) {
+            row.reverse();
+        }
+        if self.swap_text {
+            s.caption = swap_left_right(&s.caption);
+            s.aux_caption = s.aux_caption.as_deref().map(swap_left_right);
+        }
+        Ok(s)
+    }
+}
+
+/// Probability maps (one flat `S x S` vector per image) and the summary of an evaluation.
+fn eval_probs(
+    model: &TgcNet,
+    ds: Arc<dyn SegDataset>,
+    pre: Preprocess,
+    tta: Tta,
+) -> (tgc_data::MetricsSummary, Vec<Vec<f32>>) {
+    let mut store = FeatureStore::new(None, &pre, false);
+    let mut maps = vec![];
+    let (m, _) = evaluate(model, ds, pre, 4, &mut store, false, tta, |batch, probs| {
+        for i in 0..batch.len() {
+            maps.push(probs.get(i)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(())
+    })
+    .unwrap();
+    (m, maps)
+}
+
+#[test]
+fn flip_tta_averages_the_plain_and_the_mirrored_pass() {
+    let cfg = TgcConfig::tiny();
+    let pre = preprocess(&cfg);
+    let s = cfg.label_size;
+    let ds: Arc<dyn SegDataset> = Arc::new(SyntheticPhantoms::new(
+        PhantomKind::ChestXray,
+        6,
+        3,
+        cfg.label_size,
+    ));
+    assert!((0..ds.len()).any(|i| {
+        let c = ds.get(i).unwrap().caption;
+        c.contains("left") || c.contains("right")
+    }));
+    let m = model(&cfg);
+    let mirrored = |swap_text| -> Arc<dyn SegDataset> {
+        Arc::new(Mirrored {
+            inner: ds.clone(),
+            swap_text,
+        })
+    };
+    let (plain_m, plain) = eval_probs(&m, ds.clone(), pre, Tta::None);
+    let (_, mirror) = eval_probs(&m, mirrored(true), pre, Tta::None);
+    let (_, mirror_same_text) = eval_probs(&m, mirrored(false), pre, Tta::None);
+    let (tta_m, tta) = eval_probs(&m, ds.clone(), pre, Tta::Flip);
+    assert_eq!(tta.len(), ds.len());
+
+    let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+        a.iter()
+            .zip(b)
+            .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+            .fold(0f32, f32::max)
+    };
+    // Mean of the plain map and the mirrored map mirrored back, pixel by pixel.
+    let expected: Vec<Vec<f32>> = plain
+        .iter()
+        .zip(&mirror)
+        .map(|(p, q)| {
+            (0..s * s)
+                .map(|k| {
+                    let (y, x) = (k / s, k % s);
+                    0.5 * (p[k] + q[y * s + (s - 1 - x)])
+                })
+                .collect()
+        })
+        .collect();
+    let err = max_diff(&tta, &expected);
+    assert!(err < 1e-4, "flip TTA differs from the oracle by {err}");
+    // The check has teeth: the model is not mirror-symmetric and reads the swapped words.
+    assert!(max_diff(&tta, &plain) > 1e-3);
+    assert!(max_diff(&mirror, &mirror_same_text) > 1e-4);
+    assert_ne!(tta_m.dice, plain_m.dice);
 }
