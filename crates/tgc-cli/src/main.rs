@@ -22,8 +22,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use tgc_data::{
-    radiology_rewrite, read_image, write_volume_u8, Augment, AugmentParams, DataLoader,
-    FeatureCache, HuWindow, Mask, Preprocess, Sample, SegDataset, Volume,
+    radiology_rewrite, read_image, swap_left_right, write_volume_u8, Augment, AugmentParams,
+    DataLoader, FeatureCache, HuWindow, Mask, Preprocess, Sample, SegDataset, Volume,
 };
 use tgc_model::{TgcConfig, TgcNet, WeightSource, CONFIG_METADATA_KEY};
 use tgc_train::{evaluate, FeatureStore, Trainer, Tta};
@@ -183,6 +183,10 @@ struct PredictArgs {
     /// Frozen CLIP weights (default: run.json next to the checkpoint, else random).
     #[arg(long)]
     clip_weights: Option<String>,
+    /// Test-time augmentation: none, or flip (also the mirrored image with "left" and
+    /// "right" swapped in the prompts; the two probability maps averaged, twice the cost).
+    #[arg(long, default_value = "none")]
+    tta: Tta,
 }
 
 #[derive(clap::Args, Debug)]
@@ -554,13 +558,16 @@ fn predict(a: PredictArgs) -> Result<()> {
         caption: text.clone(),
         aux_caption: Some(aux.clone()),
     };
-    let p = pre.apply(&sample, &AugmentParams::default());
     let dev = Device::Cpu;
-    let clip = Tensor::from_vec(p.clip, (3, pre.clip_size, pre.clip_size), &dev)?;
-    let cnn = Tensor::from_vec(p.cnn, (3, pre.cnn_size, pre.cnn_size), &dev)?;
-    let probs = model.predict(&clip, &cnn, &[text.as_str()], Some(&[aux.as_str()]))?;
+    let probs = predict_sample(
+        &model,
+        &pre,
+        &sample,
+        &[text.as_str()],
+        &[aux.as_str()],
+        a.tta,
+    )?;
     let s = cfg.label_size;
-    let probs = probs.squeeze(0)?.flatten_all()?.to_vec1::<f32>()?;
     let (oh, ow, plane) = if a.label_size_output {
         (s, s, probs)
     } else {
@@ -608,6 +615,47 @@ fn predict(a: PredictArgs) -> Result<()> {
     Ok(())
 }
 
+/// Probabilities `K x S x S` (flat, `S` the label size) of `sample` for the `K` prompts,
+/// preprocessed as the training loader does. With [`Tta::Flip`] the mirrored image is
+/// segmented too, with "left" and "right" swapped in the prompts, and its maps are
+/// mirrored back and averaged in (as `tgc eval --tta flip` does).
+fn predict_sample(
+    model: &TgcNet,
+    pre: &Preprocess,
+    sample: &Sample,
+    prompts: &[&str],
+    aux: &[&str],
+    tta: Tta,
+) -> Result<Vec<f32>> {
+    let dev = Device::Cpu;
+    let pass = |params: &AugmentParams, prompts: &[&str], aux: &[&str]| -> Result<Vec<f32>> {
+        let p = pre.apply(sample, params);
+        let clip = Tensor::from_vec(p.clip, (3, pre.clip_size, pre.clip_size), &dev)?;
+        let cnn = Tensor::from_vec(p.cnn, (3, pre.cnn_size, pre.cnn_size), &dev)?;
+        let probs = model.predict(&clip, &cnn, prompts, Some(aux))?;
+        Ok(probs.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let mut probs = pass(&AugmentParams::default(), prompts, aux)?;
+    if tta == Tta::Flip {
+        let swap = |v: &[&str]| v.iter().map(|t| swap_left_right(t)).collect::<Vec<_>>();
+        let (prompts, aux) = (swap(prompts), swap(aux));
+        let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let aux: Vec<&str> = aux.iter().map(String::as_str).collect();
+        let flip = AugmentParams {
+            hflip: true,
+            ..AugmentParams::default()
+        };
+        let mirrored = pass(&flip, &prompts, &aux)?;
+        let s = pre.label_size;
+        for (row, back) in probs.chunks_mut(s).zip(mirrored.chunks(s)) {
+            for (x, v) in row.iter_mut().enumerate() {
+                *v = 0.5 * (*v + back[s - 1 - x]);
+            }
+        }
+    }
+    Ok(probs)
+}
+
 /// Segments every axial slice of a volume once per organ and writes the label map.
 fn predict_volume(a: &PredictArgs, path: &Path) -> Result<()> {
     if a.organs.is_empty() || a.organs.iter().any(|o| o.trim().is_empty()) {
@@ -629,7 +677,6 @@ fn predict_volume(a: &PredictArgs, path: &Path) -> Result<()> {
     let organs: Vec<&str> = a.organs.iter().map(|o| o.trim()).collect();
     let k = organs.len();
     let s = cfg.label_size;
-    let dev = Device::Cpu;
     let mut labels = vec![0u8; w * h * n];
     let bar = indicatif::ProgressBar::new(n as u64);
     for z in 0..n {
@@ -641,12 +688,8 @@ fn predict_volume(a: &PredictArgs, path: &Path) -> Result<()> {
             caption: String::new(),
             aux_caption: None,
         };
-        let p = pre.apply(&sample, &AugmentParams::default());
-        let clip = Tensor::from_vec(p.clip, (3, pre.clip_size, pre.clip_size), &dev)?;
-        let cnn = Tensor::from_vec(p.cnn, (3, pre.cnn_size, pre.cnn_size), &dev)?;
         // The organ name is both prompts, as NiftiVolumeDataset's samples have it.
-        let probs = model.predict(&clip, &cnn, &organs, Some(&organs))?;
-        let probs = probs.flatten_all()?.to_vec1::<f32>()?;
+        let probs = predict_sample(&model, &pre, &sample, &organs, &organs, a.tta)?;
         let planes: Vec<Vec<f32>> = (0..k)
             .map(|o| resize_nearest(&probs[o * s * s..(o + 1) * s * s], s, s, h, w))
             .collect();
@@ -825,7 +868,41 @@ fn cache(a: CacheArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::resize_nearest;
+    use super::{predict_sample, resize_nearest};
+    use candle_core::Device;
+    use tgc_data::{swap_left_right, PhantomKind, SegDataset, SyntheticPhantoms};
+    use tgc_model::{TgcConfig, TgcNet, WeightSource};
+    use tgc_train::Tta;
+
+    #[test]
+    fn flip_tta_prediction_is_the_mean_with_the_mirrored_sample() {
+        let cfg = TgcConfig::tiny();
+        let model = TgcNet::load(cfg.clone(), &WeightSource::Random { seed: 5 }, &Device::Cpu)
+            .expect("model");
+        let pre = super::preprocess_of(&cfg);
+        let s = cfg.label_size;
+        let ds = SyntheticPhantoms::new(PhantomKind::ChestXray, 1, 4, 96);
+        let sample = ds.get(0).expect("phantom");
+        let (text, aux) = ("opacity in the left lung", "upper right zone");
+        let plain = predict_sample(&model, &pre, &sample, &[text], &[aux], Tta::None).unwrap();
+        let tta = predict_sample(&model, &pre, &sample, &[text], &[aux], Tta::Flip).unwrap();
+        // The oracle: the sample mirrored by hand, its prompts swapped, a plain pass.
+        let mut mirrored = sample.clone();
+        for row in mirrored.image.data.chunks_mut(sample.image.width) {
+            row.reverse();
+        }
+        let (mt, ma) = (swap_left_right(text), swap_left_right(aux));
+        let back = predict_sample(&model, &pre, &mirrored, &[&mt], &[&ma], Tta::None).unwrap();
+        let mut worst = 0f32;
+        for k in 0..s * s {
+            let (y, x) = (k / s, k % s);
+            let want = 0.5 * (plain[k] + back[y * s + (s - 1 - x)]);
+            worst = worst.max((tta[k] - want).abs());
+        }
+        assert!(worst < 1e-4, "flip TTA differs from the oracle by {worst}");
+        let moved = plain.iter().zip(&tta).map(|(a, b)| (a - b).abs());
+        assert!(moved.fold(0f32, f32::max) > 1e-3, "TTA changed nothing");
+    }
 
     #[test]
     fn nearest_resize_by_hand() {
