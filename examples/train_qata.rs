@@ -12,6 +12,7 @@
 //! `--shuffle-captions` evaluates the best checkpoint on the validation split twice: with
 //! each image's own caption and with the captions permuted across images (fixed seed).
 //! A model that reads the text loses Dice when the captions no longer describe the image.
+//! `--tta flip` makes that evaluation average in a mirrored pass (see `tgc eval --tta`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -66,6 +67,11 @@ struct Args {
     /// After training, evaluate the best checkpoint with captions shuffled across images.
     #[arg(long)]
     shuffle_captions: bool,
+    /// Test-time augmentation of that evaluation: none, or flip (a mirrored pass with
+    /// "left"/"right" swapped in the captions, averaged in). Validation during training
+    /// never uses it.
+    #[arg(long, default_value = "none")]
+    tta: Tta,
     /// Text tower: clip (the paper) or minilm (all-MiniLM-L6-v2 from weights/minilm).
     #[arg(long, default_value = "clip")]
     text_tower: String,
@@ -349,7 +355,7 @@ fn run() -> Result<()> {
             batch,
             &mut store,
             true,
-            Tta::None,
+            args.tta,
             |_, _| Ok(()),
         )?;
         let shuffled: Arc<dyn SegDataset> = Arc::new(ShuffledCaptions::new(val, 7));
@@ -360,12 +366,13 @@ fn run() -> Result<()> {
             batch,
             &mut store,
             true,
-            Tta::None,
+            args.tta,
             |_, _| Ok(()),
         )?;
         println!(
-            "on val: Dice {:.2} with own captions, {:.2} with shuffled \
+            "on val (tta {:?}): Dice {:.2} with own captions, {:.2} with shuffled \
              captions ({:+.2})",
+            args.tta,
             100.0 * own.dice,
             100.0 * shuf.dice,
             100.0 * (shuf.dice - own.dice)
