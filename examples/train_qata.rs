@@ -348,27 +348,20 @@ fn run() -> Result<()> {
                 .with_context(|| format!("loading {}", summary.best_checkpoint.display()))?;
         }
         let mut store = FeatureStore::new(None, &pre, true);
-        let (own, _) = evaluate(
-            &model,
-            val.clone(),
-            pre,
-            batch,
-            &mut store,
-            true,
-            args.tta,
-            |_, _| Ok(()),
-        )?;
-        let shuffled: Arc<dyn SegDataset> = Arc::new(ShuffledCaptions::new(val, 7));
-        let (shuf, _) = evaluate(
-            &model,
-            shuffled,
-            pre,
-            batch,
-            &mut store,
-            true,
-            args.tta,
-            |_, _| Ok(()),
-        )?;
+        let mut eval_on = |ds: Arc<dyn SegDataset>| {
+            evaluate(
+                &model,
+                ds,
+                pre,
+                batch,
+                &mut store,
+                true,
+                args.tta,
+                |_, _| Ok(()),
+            )
+        };
+        let (own, _) = eval_on(val.clone())?;
+        let (shuf, _) = eval_on(Arc::new(ShuffledCaptions::new(val, 7)))?;
         println!(
             "on val (tta {:?}): Dice {:.2} with own captions, {:.2} with shuffled \
              captions ({:+.2})",

@@ -40,6 +40,19 @@ fn write_phantom(path: &Path, size: usize) -> (String, usize) {
     (s.caption, s.image.width)
 }
 
+/// The value of `tgc eval`'s "Dice" line, checked to be a fraction.
+fn dice_line(stdout: &str) -> f64 {
+    let dice: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Dice "))
+        .expect("Dice line")
+        .trim()
+        .parse()
+        .expect("Dice is a number");
+    assert!((0.0..=1.0).contains(&dice), "{dice}");
+    dice
+}
+
 #[test]
 fn train_eval_predict_on_phantoms() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -88,14 +101,7 @@ fn train_eval_predict_on_phantoms() {
             ])
             .arg(&csv),
     );
-    let dice: f64 = s
-        .lines()
-        .find_map(|l| l.strip_prefix("Dice "))
-        .expect("Dice line")
-        .trim()
-        .parse()
-        .expect("Dice is a number");
-    assert!((0.0..=1.0).contains(&dice), "{dice}");
+    let dice = dice_line(&s);
     let n: usize = s
         .lines()
         .find_map(|l| l.strip_prefix("n "))
@@ -130,15 +136,7 @@ fn train_eval_predict_on_phantoms() {
     };
     let out = eval_tta("flip");
     assert!(out.status.success(), "{out:?}");
-    let s = String::from_utf8_lossy(&out.stdout);
-    let flip_dice: f64 = s
-        .lines()
-        .find_map(|l| l.strip_prefix("Dice "))
-        .expect("Dice line")
-        .trim()
-        .parse()
-        .expect("Dice is a number");
-    assert!((0.0..=1.0).contains(&flip_dice), "{flip_dice}");
+    dice_line(&String::from_utf8_lossy(&out.stdout));
     let out = eval_tta("mirror");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
