@@ -608,6 +608,8 @@ pub struct TrainSummary {
     pub steps: u64,
     /// Path of the best checkpoint.
     pub best_checkpoint: PathBuf,
+    /// Early stopping ended the run: val Dice did not improve for `patience` epochs.
+    pub early_stopped: bool,
 }
 
 /// A training run: the model, its optimiser and schedule, data and output folder.
@@ -951,6 +953,7 @@ impl<'a> Trainer<'a> {
             MetricsWriter::create(&log_path)?
         };
         let mut records = vec![];
+        let mut early_stopped = false;
         let fit_start = Instant::now();
         // A run planned by time re-plans after each of its epochs from the average speed
         // so far (a machine's speed drifts by 10-30% over half an hour); a run resumed
@@ -1094,6 +1097,22 @@ impl<'a> Trainer<'a> {
                 &crate::PlotConfig::default(),
             );
             if stop {
+                early_stopped = true;
+                // Said out loud: a run that ends well inside its epochs or time budget
+                // otherwise looks like a crash or a wrong plan.
+                let msg = format!(
+                    "early stopping: val Dice has not improved on {:.2} (epoch {}) for {} \
+                     epochs; stopped at step {} of {} planned",
+                    100.0 * self.early.best.unwrap_or(f64::NAN),
+                    self.early.best_epoch.unwrap_or(0),
+                    self.cfg.patience,
+                    self.opt.steps(),
+                    self.schedule.total_steps,
+                );
+                tracing::info!("{msg}");
+                if self.cfg.progress {
+                    eprintln!("{msg}");
+                }
                 break;
             }
             if self.cfg.max_steps.is_some_and(|m| self.opt.steps() >= m) {
@@ -1105,6 +1124,7 @@ impl<'a> Trainer<'a> {
             best_val_dice: self.best,
             steps: self.opt.steps(),
             best_checkpoint: self.best_checkpoint(),
+            early_stopped,
         })
     }
 

@@ -595,3 +595,46 @@ fn flip_tta_averages_the_plain_and_the_mirrored_pass() {
     assert!(max_diff(&mirror, &mirror_same_text) > 1e-4);
     assert_ne!(tta_m.dice, plain_m.dice);
 }
+
+#[test]
+fn early_stopping_ends_the_run_after_patience_epochs_without_improvement() {
+    // With lr 0 the weights never change, so val Dice repeats exactly: epoch 1 sets the
+    // best, epochs 2 and 3 fail to improve it, and patience 2 stops the run there.
+    let cfg = TgcConfig::tiny();
+    let pre = preprocess(&cfg);
+    let train = phantoms(12, 1, cfg.label_size);
+    let val = phantoms(4, 2, cfg.label_size);
+    let dir = tempfile::tempdir().unwrap();
+    let run = |patience, out: &str| {
+        let m = model(&cfg);
+        let tc = TrainConfig {
+            epochs: 5,
+            max_steps: None,
+            lr: 0.0,
+            patience,
+            ..quiet(0)
+        };
+        Trainer::new(
+            &m,
+            tc,
+            train.clone(),
+            val.clone(),
+            pre,
+            dir.path().join(out),
+        )
+        .unwrap()
+        .fit()
+        .unwrap()
+    };
+    let stopped = run(2, "patience2");
+    assert!(stopped.early_stopped);
+    assert_eq!(stopped.epochs.len(), 3);
+    assert_eq!(stopped.steps, 9, "3 epochs of 3 batches");
+    let dice: Vec<f64> = stopped.epochs.iter().map(|r| r.val_dice).collect();
+    assert!(dice.iter().all(|&d| d == dice[0]), "{dice:?}");
+    assert!(stopped.best_checkpoint.is_file());
+
+    let full = run(0, "patience0");
+    assert!(!full.early_stopped);
+    assert_eq!(full.epochs.len(), 5);
+}
