@@ -42,9 +42,13 @@ struct Args {
     /// CLIP weights: a safetensors file or folder, `hub:<repo>`, or `random`.
     #[arg(long, default_value = "random")]
     clip_weights: String,
-    /// Epochs (an upper bound: early stopping with patience 10).
+    /// Epochs (an upper bound: early stopping ends the run after --patience epochs
+    /// without a better val Dice).
     #[arg(long, default_value_t = 100)]
     epochs: usize,
+    /// Early-stopping patience in epochs; 0 trains to the end of the epochs or budget.
+    #[arg(long, default_value_t = 10)]
+    patience: u32,
     /// Stop after this many optimiser steps in total; the warm-up + cosine schedule is
     /// planned over them (as for --minutes).
     #[arg(long)]
@@ -316,6 +320,7 @@ fn run() -> Result<()> {
         batch_size: args.batch,
         max_rotation_deg: args.rotate,
         scale_range: args.scale,
+        patience: args.patience,
         ..TrainConfig::for_dataset("qata")
     };
     let batch = tc.batch_size;
