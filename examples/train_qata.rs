@@ -49,6 +49,11 @@ struct Args {
     /// Early-stopping patience in epochs; 0 trains to the end of the epochs or budget.
     #[arg(long, default_value_t = 10)]
     patience: u32,
+    /// Decay of an exponential moving average of the weights, validated and saved in
+    /// their place (`TrainConfig::ema_decay`; 0: off). 0.999 averages over roughly the
+    /// last thousand steps.
+    #[arg(long, default_value_t = 0.0)]
+    ema: f64,
     /// Stop after this many optimiser steps in total; the warm-up + cosine schedule is
     /// planned over them (as for --minutes).
     #[arg(long)]
@@ -273,6 +278,7 @@ fn run() -> Result<()> {
                 batch_size: args.batch,
                 max_rotation_deg: args.rotate,
                 scale_range: args.scale,
+                ema_decay: args.ema,
                 ..TrainConfig::for_dataset("qata")
             };
             let mut t = Trainer::new(
@@ -321,6 +327,7 @@ fn run() -> Result<()> {
         max_rotation_deg: args.rotate,
         scale_range: args.scale,
         patience: args.patience,
+        ema_decay: args.ema,
         ..TrainConfig::for_dataset("qata")
     };
     let batch = tc.batch_size;

@@ -7,6 +7,7 @@
 //! | [`loss`] | [`bce_with_logits`], [`soft_dice_loss`], [`dice_bce`], LViT's exact [`lvit_weighted_dice_bce`], chosen by config with [`SegLoss`] |
 //! | [`checkpoint`] | atomic safetensors checkpoints with metadata, clear load errors, config-compatibility check |
 //! | [`early_stop`] | [`EarlyStopping`]: best-metric tracking and patience, serialisable for resume |
+//! | [`ema`] | [`WeightEma`]: exponential moving average of the weights, validated and checkpointed in their place |
 //! | [`guard`] | [`check_finite`]: stop on a NaN/Inf loss naming the step and batch |
 //! | [`log`] | [`MetricsWriter`]: JSONL metrics, one flushed object per line |
 //! | [`plot`] | [`plot_curves`]: PNG of train loss and val Dice per epoch |
@@ -77,6 +78,7 @@
 
 pub mod checkpoint;
 pub mod early_stop;
+pub mod ema;
 pub mod error;
 pub mod font;
 pub mod guard;
@@ -93,6 +95,7 @@ pub use checkpoint::{
     check_config_compatible, load_checkpoint, save_checkpoint, Checkpoint, FORMAT_VERSION,
 };
 pub use early_stop::{EarlyStopping, Verdict};
+pub use ema::{WeightEma, EMA_UPDATES_KEY, RAW_WEIGHT_PREFIX};
 pub use error::{Error, Result};
 pub use guard::check_finite;
 pub use log::{read_jsonl, MetricsWriter};

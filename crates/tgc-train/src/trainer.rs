@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use tgc_data::{
@@ -36,7 +36,7 @@ use tgc_model::{ImageFeatures, PromptFeatures, TgcNet};
 use crate::checkpoint::{self, META_BEST_METRIC, META_CONFIG, META_EPOCH, META_STEP};
 use crate::{
     dice_bce, AdamW, AdamWConfig, EarlyStopping, Error, MetricsWriter, Result, Verdict,
-    WarmupCosine,
+    WarmupCosine, WeightEma, RAW_WEIGHT_PREFIX,
 };
 
 /// Metadata key of the step total planned from a time budget
@@ -121,6 +121,12 @@ pub struct TrainConfig {
     /// resumed run keeps it (and does not re-plan). A time-planned run depends on the
     /// machine's speed, so two runs need not take the same number of steps.
     pub time_budget_secs: Option<f64>,
+    /// Decay of an exponential moving average of the trainable weights ([`WeightEma`];
+    /// 0: off, the default). When on, validation, `best.safetensors` and the model
+    /// tensors of `last.safetensors` are the averaged weights; the raw ones are kept
+    /// under `train.<name>` for resuming. 0.999 averages over roughly the last thousand
+    /// steps.
+    pub ema_decay: f64,
 }
 
 impl Default for TrainConfig {
@@ -147,6 +153,7 @@ impl Default for TrainConfig {
             progress: true,
             data_parallel: 1,
             time_budget_secs: None,
+            ema_decay: 0.0,
         }
     }
 }
@@ -630,6 +637,10 @@ pub struct Trainer<'a> {
     best: f64,
     /// The step total planned from the time budget, once planned.
     planned_steps: Option<u64>,
+    /// The trainable variables, in the optimiser's (name) order.
+    vars: Vec<(String, Var)>,
+    /// The weight average, when `ema_decay` is not 0.
+    ema: Option<WeightEma>,
 }
 
 /// The most further steps that fit in `remaining_secs` when a step costs `step_secs` and
@@ -742,6 +753,12 @@ impl<'a> Trainer<'a> {
         }
         let store = FeatureStore::new(disk, &preprocess, cfg.use_cache);
         let early = EarlyStopping::new(cfg.patience.max(1), 0.0)?;
+        let vars = model.trainable_vars();
+        let ema = if cfg.ema_decay == 0.0 {
+            None
+        } else {
+            Some(WeightEma::new(&vars, cfg.ema_decay)?)
+        };
         Ok(Self {
             model,
             opt,
@@ -757,6 +774,8 @@ impl<'a> Trainer<'a> {
             batch_in_epoch: 0,
             best: f64::NEG_INFINITY,
             planned_steps: None,
+            vars,
+            ema,
             cfg,
         })
     }
@@ -782,9 +801,17 @@ impl<'a> Trainer<'a> {
         self.opt.steps()
     }
 
+    /// The weight average, when [`TrainConfig::ema_decay`] turns it on.
+    pub fn ema(&self) -> Option<&WeightEma> {
+        self.ema.as_ref()
+    }
+
     fn save(&self, path: &Path) -> Result<()> {
         let mut tensors = self.opt.state_tensors()?;
-        tensors.extend(self.model.trainable_tensors());
+        match &self.ema {
+            Some(ema) => tensors.extend(ema.checkpoint_tensors(&self.vars)?),
+            None => tensors.extend(self.model.trainable_tensors()),
+        }
         let mut meta = HashMap::new();
         meta.insert(
             META_MODEL_CONFIG.to_string(),
@@ -819,6 +846,22 @@ impl<'a> Trainer<'a> {
         let path = path.as_ref();
         let ck = checkpoint::load_checkpoint(path, self.model.device())?;
         self.model.load_weights(path).map_err(model_err)?;
+        match &mut self.ema {
+            // The model tensors just loaded are the average; the raw weights go back
+            // into the variables.
+            Some(ema) => ema
+                .load_checkpoint_tensors(&ck.tensors, &self.vars)
+                .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?,
+            None => {
+                if ck.tensors.keys().any(|k| k.starts_with(RAW_WEIGHT_PREFIX)) {
+                    return Err(Error::InvalidArgument(format!(
+                        "{} holds a weight average (it was trained with ema_decay > 0): \
+                         resume it with the same ema_decay",
+                        path.display()
+                    )));
+                }
+            }
+        }
         self.opt.load_state(&ck.tensors)?;
         self.epoch = ck.meta_parse(META_EPOCH)?;
         self.batch_in_epoch = ck.meta_parse(META_BATCH_IN_EPOCH)?;
@@ -998,6 +1041,9 @@ impl<'a> Trainer<'a> {
                         stats.missing_grads.join(", ")
                     )));
                 }
+                if let Some(ema) = &mut self.ema {
+                    ema.update(&self.vars)?;
+                }
                 self.batch_in_epoch = bi + 1;
                 loss_sum += value;
                 n_batches += 1;
@@ -1128,8 +1174,24 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// Validates the current weights; writes overlays of the first images.
+    /// Validates the weights a checkpoint written now would hold (the average when
+    /// [`TrainConfig::ema_decay`] is on, the current weights otherwise); writes overlays
+    /// of the first images.
     pub fn validate(&mut self) -> Result<(MetricsSummary, Vec<ImageScore>)> {
+        let raw = match &self.ema {
+            Some(ema) => Some(ema.swap_in(&self.vars)?),
+            None => None,
+        };
+        let result = self.validate_current();
+        if let Some(raw) = raw {
+            for ((_, v), r) in self.vars.iter().zip(&raw) {
+                v.set(r)?;
+            }
+        }
+        result
+    }
+
+    fn validate_current(&mut self) -> Result<(MetricsSummary, Vec<ImageScore>)> {
         let overlays = self.cfg.overlays;
         let dir = self.out_dir.join("overlays");
         let mut written = 0usize;

@@ -638,3 +638,142 @@ fn early_stopping_ends_the_run_after_patience_epochs_without_improvement() {
     assert!(!full.early_stopped);
     assert_eq!(full.epochs.len(), 5);
 }
+
+fn flat(t: &candle_core::Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// The weight average: it never changes what is trained (the raw weights equal a run
+/// without it), it follows the recurrence `s = d s + (1 - d) w` with the warm-up decay
+/// (checked in f64 against the raw weights after every step), it is what validation
+/// scores and `best.safetensors` holds, and a resumed run continues it bit for bit.
+#[test]
+fn weight_average_is_validated_saved_and_resumed_exactly() {
+    let cfg = TgcConfig::tiny();
+    let pre = preprocess(&cfg);
+    let train = phantoms(12, 1, cfg.label_size);
+    let val = phantoms(4, 2, cfg.label_size);
+    let dir = tempfile::tempdir().unwrap();
+    let decay = 0.2;
+    let with_ema = |steps| TrainConfig {
+        ema_decay: decay,
+        ..quiet(steps)
+    };
+    let run = |tc: TrainConfig, out: &str| {
+        let m = model(&cfg);
+        let summary = Trainer::new(
+            &m,
+            tc,
+            train.clone(),
+            val.clone(),
+            pre,
+            dir.path().join(out),
+        )
+        .unwrap()
+        .fit()
+        .unwrap();
+        (m, summary)
+    };
+
+    // The raw weights after 0..=6 steps, from runs without the average.
+    let init = model(&cfg).trainable_tensors();
+    let mut raw_after = vec![init.clone()];
+    for k in 1..=6 {
+        raw_after.push(run(quiet(k), &format!("plain{k}")).0.trainable_tensors());
+    }
+
+    let (a, summary) = run(with_ema(6), "ema");
+    let last =
+        tgc_train::load_checkpoint(dir.path().join("ema/last.safetensors"), &Device::Cpu).unwrap();
+    let mut averaged_differs = false;
+    for (name, w0) in &init {
+        // Training itself is untouched, and the model is left holding the raw weights.
+        assert!(
+            flat(&a.trainable_tensors()[name]) == flat(&raw_after[6][name]),
+            "{name}"
+        );
+        let raw_key = format!("{}{name}", tgc_train::RAW_WEIGHT_PREFIX);
+        assert!(
+            flat(&last.tensors[&raw_key]) == flat(&raw_after[6][name]),
+            "{name}"
+        );
+        // The recurrence in f64.
+        let mut s: Vec<f64> = flat(w0).iter().map(|&x| x as f64).collect();
+        for (n, w) in raw_after[1..].iter().enumerate() {
+            let d = decay.min((1.0 + n as f64) / (10.0 + n as f64));
+            for (si, wi) in s.iter_mut().zip(flat(&w[name])) {
+                *si = d * *si + (1.0 - d) * wi as f64;
+            }
+        }
+        let got = flat(&last.tensors[name]);
+        for (g, e) in got.iter().zip(&s) {
+            assert!(
+                (*g as f64 - e).abs() <= 1e-6 * (1.0 + e.abs()),
+                "{name}: average {g}, expected {e}"
+            );
+        }
+        averaged_differs |= got != flat(&raw_after[6][name]);
+    }
+    assert!(averaged_differs, "the average equals the raw weights");
+    let updates = last.tensors[tgc_train::EMA_UPDATES_KEY]
+        .to_scalar::<i64>()
+        .unwrap();
+    assert_eq!(updates, 6);
+
+    // `best.safetensors` loads like any checkpoint and scores what validation reported.
+    let best = model(&cfg);
+    best.load_weights(&summary.best_checkpoint).unwrap();
+    let (m, _) = eval_probs(&best, val.clone(), pre, Tta::None);
+    assert_eq!(m.dice, summary.best_val_dice);
+
+    // 4 steps, then a restart that resumes and runs to 6: every tensor of the last
+    // checkpoint (average, raw weights, moments) equals the straight run's.
+    run(with_ema(4), "ema-b");
+    let out_b = dir.path().join("ema-b");
+    let c = model(&cfg);
+    let mut t = Trainer::new(&c, with_ema(6), train.clone(), val.clone(), pre, &out_b).unwrap();
+    t.resume(out_b.join("last.safetensors")).unwrap();
+    assert_eq!(t.ema().unwrap().updates(), 4);
+    t.fit().unwrap();
+    assert!(t.ema().unwrap().is_detached());
+    let resumed = tgc_train::load_checkpoint(out_b.join("last.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(resumed.tensors.len(), last.tensors.len());
+    for (name, t) in &last.tensors {
+        if t.dtype() == candle_core::DType::F32 {
+            assert!(
+                flat(t) == flat(&resumed.tensors[name]),
+                "{name} differs after resume"
+            );
+        }
+    }
+
+    // Mixing runs with and without the average is refused, with the reason.
+    let d = model(&cfg);
+    let mut t = Trainer::new(&d, quiet(6), train.clone(), val.clone(), pre, &out_b).unwrap();
+    let e = t
+        .resume(out_b.join("last.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ema_decay"), "{e}");
+    let plain = dir.path().join("plain4");
+    let mut t = Trainer::new(&d, with_ema(6), train.clone(), val.clone(), pre, &plain).unwrap();
+    let e = t
+        .resume(plain.join("last.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ema.updates") && e.contains("last.safetensors"),
+        "{e}"
+    );
+    for bad in [1.0, -0.5, f64::NAN] {
+        let tc = TrainConfig {
+            ema_decay: bad,
+            ..quiet(1)
+        };
+        let r = Trainer::new(&d, tc, train.clone(), val.clone(), pre, &plain);
+        assert!(
+            r.is_err_and(|e| e.to_string().contains("ema_decay")),
+            "{bad}"
+        );
+    }
+}
