@@ -332,6 +332,12 @@ fn run() -> Result<()> {
     };
     let batch = tc.batch_size;
     let mut trainer = Trainer::new(&model, tc, train, val.clone(), pre, &args.out)?;
+    if let Some(ema) = trainer.ema() {
+        println!(
+            "weight average on (decay {}): validation and best.safetensors use the averaged weights",
+            ema.decay()
+        );
+    }
     if args.resume && trainer.last_checkpoint().exists() {
         let last = trainer.last_checkpoint();
         trainer
