@@ -17,7 +17,7 @@ use rayon::prelude::*;
 const BWD_ROWS: usize = 64;
 
 /// Float operations the kernels need, for f32 and f64.
-trait Float:
+pub(crate) trait Float:
     Copy
     + Send
     + Sync
@@ -54,7 +54,7 @@ impl_float!(f64);
 
 /// Mean and `1 / sqrt(var + eps)` of one row (two-pass variance, as PyTorch).
 #[inline(always)]
-fn row_stats<T: Float>(x: &[T], eps: T) -> (T, T) {
+pub(crate) fn row_stats<T: Float>(x: &[T], eps: T) -> (T, T) {
     let n = T::from_usize(x.len());
     let mut s = T::ZERO;
     for &v in x {

@@ -9,6 +9,8 @@
 //!
 //! - [`LayerNorm`] / [`layer_norm`]: normalisation over the last dimension (a fused
 //!   kernel with analytic backward on CPU, the composite form elsewhere).
+//! - [`GroupNorm`] / [`group_norm`]: `candle_nn::GroupNorm` fused into one CPU op with an
+//!   analytic backward (same weights and names; the composite form elsewhere).
 //! - [`MultiHeadAttention`]: scaled dot-product attention with separate query and key/value
 //!   widths and an optional key-padding mask (text tokens after EOS).
 //! - [`resize_bilinear`]: PyTorch `interpolate(mode="bilinear", align_corners=False)` as two
@@ -59,6 +61,7 @@ pub(crate) fn contiguous_slice<'a, T>(
 }
 
 mod conv;
+mod group_norm;
 mod layer_norm;
 mod linear;
 mod softmax;
@@ -66,6 +69,7 @@ pub use conv::{
     conv2d, conv2d_no_bias, conv_transpose2d, conv_transpose2d_no_bias, MatmulConv,
     MatmulConvTranspose,
 };
+pub use group_norm::{group_norm, GroupNorm};
 pub use linear::{add_bias, Linear};
 pub use softmax::softmax_last_dim;
 

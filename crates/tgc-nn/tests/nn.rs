@@ -346,3 +346,125 @@ fn fused_softmax_matches_generic_and_finite_differences() -> Result<()> {
     assert!(max_abs(&f, &fused) < 1e-6);
     Ok(())
 }
+
+/// The fused group norm against `candle_nn::GroupNorm` (the composite it replaces) in
+/// forward and in all three gradients, over several group layouts, a rank-3 and a rank-5
+/// input, and a non-contiguous input.
+#[test]
+fn fused_group_norm_matches_candle_group_norm_with_gradients() -> Result<()> {
+    let dev = Device::Cpu;
+    let cases: [(&[usize], usize); 5] = [
+        (&[3, 8, 5, 7], 4),
+        (&[2, 6, 9, 9], 1),
+        (&[2, 6, 4, 4], 6),
+        (&[4, 12, 10], 3),
+        (&[2, 4, 3, 2, 5], 2),
+    ];
+    for (dims, groups) in cases {
+        let c = dims[1];
+        for (dtype, tol) in [(DType::F32, 2e-5), (DType::F64, 1e-12)] {
+            let w = Var::from_tensor(&Tensor::randn(1f64, 0.5, c, &dev)?.to_dtype(dtype)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f64, 0.5, c, &dev)?.to_dtype(dtype)?)?;
+            let ours = tgc_nn::GroupNorm::new(
+                w.as_tensor().clone(),
+                b.as_tensor().clone(),
+                c,
+                groups,
+                1e-5,
+            )?;
+            let reference = candle_nn::GroupNorm::new(
+                w.as_tensor().clone(),
+                b.as_tensor().clone(),
+                c,
+                groups,
+                1e-5,
+            )?;
+            let x = Var::from_tensor(&Tensor::randn(0.3f64, 2.0, dims, &dev)?.to_dtype(dtype)?)?;
+            let target = Tensor::randn(0f64, 1.0, dims, &dev)?.to_dtype(dtype)?;
+            let fused = ours.forward(x.as_tensor())?;
+            let composite = reference.forward(x.as_tensor())?;
+            let d = max_abs(&fused, &composite);
+            assert!(
+                d < tol,
+                "{dims:?}/{groups} {dtype:?}: forward differs by {d}"
+            );
+            let gf = (fused * &target)?.sum_all()?.backward()?;
+            let gc = (composite * &target)?.sum_all()?.backward()?;
+            for (name, v) in [("input", &x), ("weight", &w), ("bias", &b)] {
+                let a = gf.get(v.as_tensor()).expect("fused gradient");
+                let r = gc.get(v.as_tensor()).expect("composite gradient");
+                let d = max_abs(a, r);
+                assert!(
+                    d < tol * 50.0,
+                    "{dims:?}/{groups} {dtype:?}: {name} gradient differs by {d}"
+                );
+            }
+        }
+    }
+    // A transposed (non-contiguous) input gives what its contiguous copy gives.
+    let vm = VarMap::new();
+    let gn = tgc_nn::group_norm(2, 4, 1e-5, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    let x = Tensor::randn(0f32, 1.0, (2, 4, 6, 5), &dev)?.transpose(2, 3)?;
+    assert!(!x.is_contiguous());
+    assert_eq!(
+        max_abs(&gn.forward(&x)?, &gn.forward(&x.contiguous()?)?),
+        0.0
+    );
+    Ok(())
+}
+
+/// Input, weight and bias gradients of the fused group norm against central finite
+/// differences in f64, and a hand-computed forward.
+#[test]
+fn fused_group_norm_gradients_match_finite_differences() -> Result<()> {
+    let dev = Device::Cpu;
+    // One image, 2 channels in one group, 1 x 2 spatial: values 1, 2 | 3, 6 -> mean 3,
+    // variance (4 + 1 + 0 + 9) / 4 = 3.5; weight (2, 1), bias (0, 1).
+    let gn = tgc_nn::GroupNorm::new(
+        Tensor::new(&[2.0f64, 1.0], &dev)?,
+        Tensor::new(&[0.0f64, 1.0], &dev)?,
+        2,
+        1,
+        1e-5,
+    )?;
+    let x = Tensor::new(&[[[[1.0f64, 2.0]], [[3.0, 6.0]]]], &dev)?;
+    let s = (3.5f64 + 1e-5).sqrt();
+    let want = Tensor::new(&[[[[-4.0 / s, -2.0 / s]], [[1.0, 3.0 / s + 1.0]]]], &dev)?;
+    assert!(max_abs(&gn.forward(&x)?, &want) < 1e-12);
+
+    let dims = (3, 6, 4, 3);
+    let target = Tensor::randn(0f64, 1.0, dims, &dev)?;
+    let w0 = Tensor::randn(1f64, 0.3, 6, &dev)?;
+    let b0 = Tensor::randn(0f64, 0.3, 6, &dev)?;
+    let x0 = Tensor::randn(0f64, 1.5, dims, &dev)?;
+    let norm = |w: &Tensor, b: &Tensor| tgc_nn::GroupNorm::new(w.clone(), b.clone(), 6, 3, 1e-5);
+    let x = Var::from_tensor(&x0)?;
+    let err = gradcheck(&x, &|t| (norm(&w0, &b0)?.forward(t)? * &target)?.sum_all())?;
+    assert!(err < 1e-6, "input gradient off by {err}");
+    let w = Var::from_tensor(&w0)?;
+    let err = gradcheck(&w, &|t| (norm(t, &b0)?.forward(&x0)? * &target)?.sum_all())?;
+    assert!(err < 1e-6, "weight gradient off by {err}");
+    let b = Var::from_tensor(&b0)?;
+    let err = gradcheck(&b, &|t| (norm(&w0, t)?.forward(&x0)? * &target)?.sum_all())?;
+    assert!(err < 1e-6, "bias gradient off by {err}");
+    Ok(())
+}
+
+/// Bad inputs are errors that say what was expected.
+#[test]
+fn group_norm_rejects_wrong_channels_and_groups() -> Result<()> {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let gn = tgc_nn::group_norm(2, 4, 1e-5, vb.pp("a"))?;
+    let err = gn
+        .forward(&Tensor::zeros((1, 3, 2, 2), DType::F32, &dev)?)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("4 channels"), "{err}");
+    assert!(gn
+        .forward(&Tensor::zeros((2, 4), DType::F32, &dev)?)
+        .is_err());
+    assert!(tgc_nn::group_norm(3, 4, 1e-5, vb.pp("b")).is_err());
+    Ok(())
+}

@@ -1,7 +1,8 @@
 //! The lightweight CNN branch of the SSE: a pyramid at 1/8, 1/16 and 1/32.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
+use tgc_nn::GroupNorm;
 
 use crate::config::groups_for;
 use crate::{Error, Result, SseConfig};
@@ -34,7 +35,7 @@ impl ConvNorm {
         vb: VarBuilder,
     ) -> Result<Self> {
         let conv = MatmulConv::new(c_in, c_out, kernel, stride, vb.pp("conv"))?;
-        let norm = candle_nn::group_norm(
+        let norm = tgc_nn::group_norm(
             groups_for(c_out, cfg.norm_groups),
             c_out,
             cfg.eps,

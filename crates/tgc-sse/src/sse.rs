@@ -2,7 +2,8 @@
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
-use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, Init};
+use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Init};
+use tgc_nn::GroupNorm;
 use tgc_nn::Linear;
 
 use crate::cnn::{check_image, CnnBranch};
@@ -36,8 +37,7 @@ impl InputProj {
     fn new(c_in: usize, cfg: &SseConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.d_model;
         let conv = conv1x1_xavier(c_in, d, vb.pp("conv"))?;
-        let norm =
-            candle_nn::group_norm(groups_for(d, cfg.norm_groups), d, cfg.eps, vb.pp("norm"))?;
+        let norm = tgc_nn::group_norm(groups_for(d, cfg.norm_groups), d, cfg.eps, vb.pp("norm"))?;
         Ok(Self { conv, norm })
     }
 
