@@ -46,6 +46,12 @@
 //!   unrefined), so the logits come out at `8h x 8w`: small models at low resolution
 //!   otherwise predict on a grid as coarse as 20 x 20. Call
 //!   [`CostAggregationDecoder::forward_with_f4`]; see [`QuarterStage`].
+//! - **Half stage** (`half`, off by default; our addition, needs the quarter stage). A
+//!   fourth upsampling stage to 1/2 scale guided by the input image itself (a `2 x 2`
+//!   patch convolution and a `3 x 3` convolution), so the logits come out at
+//!   `16h x 16w`. The CNN branch downsamples its input 4x in its first layer, so this is
+//!   the only path from the image's pixels at 1/2 scale to the logits; see [`HalfStage`]
+//!   and [`CostAggregationDecoder::forward_with_guidance`].
 //! - **Pooling.** `class_pool x class_pool` average pooling before the class attention.
 //!   With an odd grid the trailing row/column is left out of the pooled map (PyTorch's
 //!   `AvgPool2d` floor rule) but still receives the upsampled update; grids smaller than
@@ -65,7 +71,8 @@
 //! `text_guidance`, `layers.{i}.spatial.{guidance_norm, blocks.{0,1}.{norm1, attn.{q,k,v,proj},
 //! norm2, mlp.{fc1,fc2}}}`, `layers.{i}.class.{norm1, q, k, v, norm2, mlp.{fc1,fc2}}`,
 //! `decoder_guidance.{0,1}`, `up.{0,1}.{convt, conv1, norm1, conv2, norm2}`, `head`
-//! (and `decoder_guidance.2`, `up.2.*` with the quarter stage).
+//! (and `decoder_guidance.2`, `up.2.*` with the quarter stage;
+//! `decoder_guidance.3.{down, conv}`, `up.3.*` with the half stage).
 //! With the paper configuration and the CLIP cost channel the decoder has 2,005,473
 //! parameters.
 //!
@@ -118,9 +125,9 @@ mod class;
 mod spatial;
 
 use candle_core::{Tensor, D};
-use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 use serde::{Deserialize, Serialize};
-use tgc_nn::{MatmulConv, MatmulConvTranspose};
+use tgc_nn::{GroupNorm, MatmulConv, MatmulConvTranspose};
 
 use class::ClassAggregation;
 pub use spatial::effective_window;
@@ -206,6 +213,10 @@ pub struct DecoderConfig {
     /// CNN stem's `F_cnn^1/4`: the logits come out at `8h x 8w` instead of `4h x 4w`.
     /// See [`QuarterStage`].
     pub quarter: Option<QuarterStage>,
+    /// A fourth upsampling stage to 1/2 scale (None; **not in the paper**), guided by
+    /// the input image: the logits come out at `16h x 16w`. Needs [`Self::quarter`].
+    /// See [`HalfStage`].
+    pub half: Option<HalfStage>,
 }
 
 /// The optional 1/4-scale upsampling stage ([`DecoderConfig::quarter`]; our addition):
@@ -220,6 +231,26 @@ pub struct QuarterStage {
     /// Channels of `F_cnn^1/4` (the SSE's `stem_channels`).
     pub in_channels: usize,
     /// Projection width of `F_cnn^1/4`.
+    pub proj: usize,
+    /// Output channels of the transposed convolution.
+    pub up_channels: usize,
+    /// Output channels of the DoubleConv (input of the head).
+    pub dim: usize,
+}
+
+/// The optional 1/2-scale upsampling stage ([`DecoderConfig::half`]; our addition):
+/// `ConvT(quarter.dim -> up_channels, 2, 2)` ‖ `ReLU(Conv3x3(proj -> proj))(ReLU(Conv2x2/2(in_channels -> proj)))`
+/// of the input image -> DoubleConv(`-> dim`), then the head. The CNN branch patchifies
+/// its input 4 x 4 in its first layer, so without this stage nothing in the model sees
+/// the image at a finer scale than 1/4 and lesion borders are placed on a grid of
+/// 4-pixel cells; this stage costs two small convolutions at 1/2 scale. Parameters
+/// `decoder_guidance.3.{down, conv}`, `up.3.{convt, conv1, norm1, conv2, norm2}` and,
+/// with the FiLM, `text_film.up.3`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HalfStage {
+    /// Channels of the input image (the SSE's `in_channels`, 3).
+    pub in_channels: usize,
+    /// Width of the image guidance.
     pub proj: usize,
     /// Output channels of the transposed convolution.
     pub up_channels: usize,
@@ -250,6 +281,7 @@ impl Default for DecoderConfig {
             ln_eps: 1e-5,
             text_film: false,
             quarter: None,
+            half: None,
         }
     }
 }
@@ -293,8 +325,26 @@ impl DecoderConfig {
                 ));
             }
         }
+        if let Some(hs) = &self.half {
+            if self.quarter.is_none() {
+                return bad(
+                    "the half stage upsamples the quarter stage's output: set quarter too".into(),
+                );
+            }
+            if hs.in_channels == 0 || hs.proj == 0 || hs.up_channels == 0 {
+                return bad(format!(
+                    "half stage: in_channels, proj and up_channels must be positive, got {hs:?}"
+                ));
+            }
+        }
         let quarter_dim = self.quarter.as_ref().map(|q| q.dim);
-        for c in self.decoder_dims.into_iter().chain(quarter_dim) {
+        let half_dim = self.half.as_ref().map(|hs| hs.dim);
+        for c in self
+            .decoder_dims
+            .into_iter()
+            .chain(quarter_dim)
+            .chain(half_dim)
+        {
             if c == 0 || !c.is_multiple_of(self.groups(c)) {
                 return bad(format!(
                     "decoder channels {c} not divisible into {} GroupNorm groups",
@@ -362,9 +412,9 @@ impl DoubleConv {
         };
         Ok(Self {
             conv1: tgc_nn::conv2d_no_bias(cin, cout, 3, c3, vb.pp("conv1"))?,
-            norm1: candle_nn::group_norm(groups, cout, 1e-5, vb.pp("norm1"))?,
+            norm1: tgc_nn::group_norm(groups, cout, 1e-5, vb.pp("norm1"))?,
             conv2: tgc_nn::conv2d_no_bias(cout, cout, 3, c3, vb.pp("conv2"))?,
-            norm2: candle_nn::group_norm(groups, cout, 1e-5, vb.pp("norm2"))?,
+            norm2: tgc_nn::group_norm(groups, cout, 1e-5, vb.pp("norm2"))?,
         })
     }
 
@@ -399,10 +449,17 @@ struct TextFilm {
     cost: tgc_nn::Linear,
     up: [tgc_nn::Linear; 2],
     quarter: Option<tgc_nn::Linear>,
+    half: Option<tgc_nn::Linear>,
 }
 
 impl TextFilm {
-    fn new(d: usize, channels: [usize; 3], quarter: Option<usize>, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        d: usize,
+        channels: [usize; 3],
+        quarter: Option<usize>,
+        half: Option<usize>,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         // Zero weights: the decoder starts exactly as without FiLM, and the weights still
         // get a gradient (d out / d gamma = x).
         let zero_linear = |cout: usize, vb: VarBuilder| -> Result<tgc_nn::Linear> {
@@ -418,6 +475,9 @@ impl TextFilm {
             ],
             quarter: quarter
                 .map(|c| zero_linear(c, vb.pp("up").pp(2)))
+                .transpose()?,
+            half: half
+                .map(|c| zero_linear(c, vb.pp("up").pp(3)))
                 .transpose()?,
         })
     }
@@ -450,6 +510,8 @@ pub struct CostAggregationDecoder {
     up: [UpStage; 2],
     /// The optional 1/4 stage: guidance projection and upsampling stage.
     quarter: Option<(MatmulConv, UpStage)>,
+    /// The optional 1/2 stage: image guidance (patch conv, 3x3 conv) and upsampling stage.
+    half: Option<(MatmulConv, MatmulConv, UpStage)>,
     head: MatmulConv,
     text_film: Option<TextFilm>,
 }
@@ -540,13 +602,47 @@ impl CostAggregationDecoder {
             }
             None => None,
         };
-        let head_in = cfg.quarter.as_ref().map_or(cfg.decoder_dims[1], |q| q.dim);
+        let half = match (&cfg.half, &cfg.quarter) {
+            (Some(hs), Some(q)) => {
+                let uvb = vb.pp("up").pp(3);
+                let gvb = dg.pp("3");
+                let patch = Conv2dConfig {
+                    stride: 2,
+                    ..Default::default()
+                };
+                let down = tgc_nn::conv2d(hs.in_channels, hs.proj, 2, patch, gvb.pp("down"))?;
+                let conv = tgc_nn::conv2d(hs.proj, hs.proj, 3, pad(1), gvb.pp("conv"))?;
+                let stage = UpStage {
+                    convt: tgc_nn::conv_transpose2d(
+                        q.dim,
+                        hs.up_channels,
+                        2,
+                        up_cfg,
+                        uvb.pp("convt"),
+                    )?,
+                    conv: DoubleConv::new(
+                        hs.up_channels + hs.proj,
+                        hs.dim,
+                        cfg.groups(hs.dim),
+                        uvb,
+                    )?,
+                };
+                Some((down, conv, stage))
+            }
+            _ => None,
+        };
+        let head_in = match (&cfg.half, &cfg.quarter) {
+            (Some(hs), _) => hs.dim,
+            (None, Some(q)) => q.dim,
+            (None, None) => cfg.decoder_dims[1],
+        };
         let head = tgc_nn::conv2d(head_in, 1, 3, pad(1), vb.pp("head"))?;
         let text_film = if cfg.text_film {
             Some(TextFilm::new(
                 d,
                 [c, cfg.decoder_dims[0], cfg.decoder_dims[1]],
                 cfg.quarter.as_ref().map(|q| q.dim),
+                cfg.half.as_ref().map(|hs| hs.dim),
                 vb.pp("text_film"),
             )?)
         } else {
@@ -561,6 +657,7 @@ impl CostAggregationDecoder {
             decoder_guidance,
             up: [up0, up1],
             quarter,
+            half,
             head,
             text_film,
         })
@@ -611,6 +708,29 @@ impl CostAggregationDecoder {
         f16: &Tensor,
         f8: &Tensor,
         f4: Option<&Tensor>,
+        clip_cost: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.forward_with_guidance(vision, text, f16, f8, f4, None, clip_cost, train)
+    }
+
+    /// As [`Self::forward_with_f4`], with the input image for the optional
+    /// [`HalfStage`]:
+    ///
+    /// - `image`: the CNN branch's input, `B x C_img x 32h x 32w`; required when
+    ///   [`DecoderConfig::half`] is set, rejected otherwise.
+    ///
+    /// Returns logits `B x K x 16h x 16w` (1/2 scale) with the half stage, else as
+    /// [`Self::forward_with_f4`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with_guidance(
+        &self,
+        vision: &Tensor,
+        text: &Tensor,
+        f16: &Tensor,
+        f8: &Tensor,
+        f4: Option<&Tensor>,
+        image: Option<&Tensor>,
         clip_cost: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
@@ -674,6 +794,28 @@ impl CostAggregationDecoder {
                 ))
             }
         }
+        match (&cfg.half, image) {
+            (Some(hs), Some(img)) => {
+                if img.dims() != [b, hs.in_channels, 32 * h, 32 * w] {
+                    return Err(shape_err(
+                        "image",
+                        img,
+                        format!("[{b}, {}, {}, {}]", hs.in_channels, 32 * h, 32 * w),
+                    ));
+                }
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(Error::Config(
+                    "the decoder has a half stage but no image was given".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::Config(
+                    "an image was given but the decoder has no half stage".into(),
+                ))
+            }
+        }
 
         // 1. Cost volume, (B*K) x C_in x h x w.
         let cos = cost_volume(vision, text)?.reshape((bk, 1, h, w))?;
@@ -722,16 +864,20 @@ impl CostAggregationDecoder {
 
         // 4. Upsampling with per-image features broadcast to the K prompts.
         let mut x = x.permute((0, 3, 1, 2))?.contiguous()?;
+        // Guidance maps per image, each with its upsampling stage.
         let mut stages = vec![
-            (f16, &self.decoder_guidance[0], &self.up[0]),
-            (f8, &self.decoder_guidance[1], &self.up[1]),
+            (f16.apply(&self.decoder_guidance[0])?.relu()?, &self.up[0]),
+            (f8.apply(&self.decoder_guidance[1])?.relu()?, &self.up[1]),
         ];
         if let (Some(f4), Some((proj, stage))) = (f4, &self.quarter) {
-            stages.push((f4, proj, stage));
+            stages.push((f4.apply(proj)?.relu()?, stage));
+        }
+        if let (Some(img), Some((down, conv, stage))) = (image, &self.half) {
+            let g = img.apply(down)?.relu()?.apply(conv)?.relu()?;
+            stages.push((g, stage));
         }
         let mut scale = 1;
-        for (i, (feat, proj, stage)) in stages.into_iter().enumerate() {
-            let g = feat.apply(proj)?.relu()?;
+        for (i, (g, stage)) in stages.into_iter().enumerate() {
             let (_, gc, gh, gw) = g.dims4()?;
             let g = g
                 .unsqueeze(1)?
@@ -740,10 +886,10 @@ impl CostAggregationDecoder {
             let up = x.apply(&stage.convt)?;
             let film = match &self.text_film {
                 Some(f) => {
-                    let layer = if i < 2 {
-                        Some(&f.up[i])
-                    } else {
-                        f.quarter.as_ref()
+                    let layer = match i {
+                        0 | 1 => Some(&f.up[i]),
+                        2 => f.quarter.as_ref(),
+                        _ => f.half.as_ref(),
                     };
                     layer.map(|l| TextFilm::params(l, &tn_rows)).transpose()?
                 }

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use tgc_decoder::{
-    cost_volume, effective_window, CostAggregationDecoder, DecoderConfig, Error, QuarterStage,
+    cost_volume, effective_window, CostAggregationDecoder, DecoderConfig, Error, HalfStage,
+    QuarterStage,
 };
 
 type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -40,6 +41,7 @@ fn tiny(use_clip_cost: bool) -> DecoderConfig {
         ln_eps: 1e-5,
         text_film: false,
         quarter: None,
+        half: None,
     }
 }
 
@@ -54,6 +56,19 @@ fn tiny_quarter() -> DecoderConfig {
             dim: 4,
         }),
         ..tiny(true)
+    }
+}
+
+/// `tiny_quarter` with the half stage of the fixture's case `e`.
+fn tiny_half() -> DecoderConfig {
+    DecoderConfig {
+        half: Some(HalfStage {
+            in_channels: 3,
+            proj: 3,
+            up_channels: 5,
+            dim: 4,
+        }),
+        ..tiny_quarter()
     }
 }
 
@@ -113,10 +128,23 @@ fn check_case_cfg(case: &str, use_clip: bool, cfg: DecoderConfig) -> R<()> {
     } else {
         None
     };
+    let image = if cfg.half.is_some() {
+        Some(get("input.image")?)
+    } else {
+        None
+    };
     let cost = cost_volume(&vision, &text)?;
     let e_cost = max_abs_diff(&cost, &get("output.cost")?)?;
-    let logits =
-        dec.forward_with_f4(&vision, &text, &f16, &f8, f4.as_ref(), clip.as_ref(), false)?;
+    let logits = dec.forward_with_guidance(
+        &vision,
+        &text,
+        &f16,
+        &f8,
+        f4.as_ref(),
+        image.as_ref(),
+        clip.as_ref(),
+        false,
+    )?;
     let e = max_abs_diff(&logits, &get("output.logits")?)?;
     println!("case {case}: max |cost - torch| = {e_cost:.2e}, max |logits - torch| = {e:.2e}");
     assert!(
@@ -154,6 +182,13 @@ fn matches_pytorch_reference_with_text_film() -> R<()> {
 #[test]
 fn matches_pytorch_reference_with_quarter_stage() -> R<()> {
     check_case_cfg("d", true, tiny_quarter())
+}
+
+/// B=2, K=2, 3x4 grid with the FiLM, the quarter and the half stage: logits at 48x64
+/// from a 96x128 image.
+#[test]
+fn matches_pytorch_reference_with_half_stage() -> R<()> {
+    check_case_cfg("e", true, tiny_half())
 }
 
 /// Zero-initialised FiLM: a decoder with `text_film` computes exactly what the same
@@ -274,16 +309,38 @@ fn formula_count(cfg: &DecoderConfig) -> usize {
             + o * o * 9
             + 4 * o
     });
-    let head_in = cfg.quarter.as_ref().map_or(cfg.decoder_dims[1], |q| q.dim);
+    // Half stage: patch conv `in*p*4 + p`, 3x3 conv `p*p*9 + p`, ConvT from the quarter
+    // stage's output, DoubleConv and GroupNorms.
+    let half = match (&cfg.half, &cfg.quarter) {
+        (Some(hs), Some(q)) => {
+            let (u, o, p) = (hs.up_channels, hs.dim, hs.proj);
+            hs.in_channels * p * 4
+                + p
+                + p * p * 9
+                + p
+                + q.dim * u * 4
+                + u
+                + (u + p) * o * 9
+                + o * o * 9
+                + 4 * o
+        }
+        _ => 0,
+    };
+    let head_in = match (&cfg.half, &cfg.quarter) {
+        (Some(hs), _) => hs.dim,
+        (None, Some(q)) => q.dim,
+        (None, None) => cfg.decoder_dims[1],
+    };
     let head = head_in * 9 + 1;
     let mut filmed = vec![c, cfg.decoder_dims[0], cfg.decoder_dims[1]];
     filmed.extend(cfg.quarter.as_ref().map(|q| q.dim));
+    filmed.extend(cfg.half.as_ref().map(|hs| hs.dim));
     let film = if cfg.text_film {
         filmed.iter().map(|&ch| d * 2 * ch + 2 * ch).sum()
     } else {
         0
     };
-    front + layers + guid + stages + quarter + head + film
+    front + layers + guid + stages + quarter + half + head + film
 }
 
 fn varmap_count(cfg: &DecoderConfig) -> R<usize> {
@@ -324,6 +381,7 @@ fn parameter_count_matches_formula() -> R<()> {
         varmap_count(&tiny_quarter())?,
         formula_count(&tiny_quarter())
     );
+    assert_eq!(varmap_count(&tiny_half())?, formula_count(&tiny_half()));
     Ok(())
 }
 
@@ -369,12 +427,22 @@ fn gradient_flow_cfg(
         )?),
         None => None,
     };
-    let logits = dec.forward_with_f4(
+    let image = match &cfg.half {
+        Some(hs) => Some(Tensor::randn(
+            0f32,
+            1.0,
+            (b, hs.in_channels, 32 * h, 32 * w),
+            &dev,
+        )?),
+        None => None,
+    };
+    let logits = dec.forward_with_guidance(
         &vision,
         &text,
         &f16,
         &f8,
         f4.as_ref(),
+        image.as_ref(),
         use_clip.then_some(&clip),
         true,
     )?;
@@ -437,6 +505,71 @@ fn every_parameter_gets_gradient_k1_with_text_film() -> R<()> {
 #[test]
 fn every_parameter_gets_gradient_k2_with_quarter_stage() -> R<()> {
     gradient_flow_cfg(2, 2, 4, 6, true, tiny_quarter())
+}
+
+/// The half stage's parameters (FiLM included) get gradients too.
+#[test]
+fn every_parameter_gets_gradient_k2_with_half_stage() -> R<()> {
+    gradient_flow_cfg(2, 2, 3, 4, true, tiny_half())
+}
+
+/// A half-stage decoder needs the image at `32h x 32w` with its channels and the
+/// quarter stage; a decoder without it rejects an image.
+#[test]
+fn half_stage_checks_image_and_config() -> R<()> {
+    let dev = Device::Cpu;
+    let (b, k, h, w, d) = (1, 2, 2, 2, 16);
+    let (vision, text, f16, f8, clip) = random_inputs(b, k, h, w, d)?;
+    let f4 = Tensor::zeros((b, 3, 8 * h, 8 * w), DType::F32, &dev)?;
+    let image = Tensor::zeros((b, 3, 32 * h, 32 * w), DType::F32, &dev)?;
+    let vm = VarMap::new();
+    let dec =
+        CostAggregationDecoder::new(&tiny_half(), VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    let run = |f4: Option<&Tensor>, image: Option<&Tensor>| {
+        dec.forward_with_guidance(&vision, &text, &f16, &f8, f4, image, Some(&clip), false)
+    };
+    assert_eq!(
+        run(Some(&f4), Some(&image))?.dims(),
+        &[b, k, 16 * h, 16 * w]
+    );
+    assert!(matches!(run(Some(&f4), None), Err(Error::Config(_))));
+    let small = image.narrow(3, 0, 16 * w)?;
+    assert!(matches!(
+        run(Some(&f4), Some(&small)),
+        Err(Error::Shape {
+            tensor: "image",
+            ..
+        })
+    ));
+    let vm = VarMap::new();
+    let quarter = CostAggregationDecoder::new(
+        &tiny_quarter(),
+        VarBuilder::from_varmap(&vm, DType::F32, &dev),
+    )?;
+    assert!(matches!(
+        quarter.forward_with_guidance(
+            &vision,
+            &text,
+            &f16,
+            &f8,
+            Some(&f4),
+            Some(&image),
+            Some(&clip),
+            false
+        ),
+        Err(Error::Config(_))
+    ));
+    // The half stage upsamples the quarter stage's output.
+    let no_quarter = DecoderConfig {
+        quarter: None,
+        ..tiny_half()
+    };
+    let vm = VarMap::new();
+    match CostAggregationDecoder::new(&no_quarter, VarBuilder::from_varmap(&vm, DType::F32, &dev)) {
+        Err(Error::Config(m)) => assert!(m.contains("quarter"), "{m}"),
+        other => panic!("expected a config error, got {:?}", other.map(|_| ())),
+    }
+    Ok(())
 }
 
 /// A quarter-stage decoder needs `f4` at `8h x 8w` with its channels; a plain one

@@ -415,6 +415,28 @@ impl TgcConfig {
                 ));
             }
         }
+        if let Some(hs) = &self.decoder.half {
+            if self.sse.mode == SseMode::ClipOnly {
+                return bad(
+                    "decoder.half is guided by the CNN branch's input image, but sse.mode \
+                     clip_only has no CNN; remove decoder.half"
+                        .into(),
+                );
+            }
+            if self.decoder.quarter.is_none() {
+                return bad(
+                    "decoder.half upsamples the output of decoder.quarter: set decoder.quarter \
+                     too, or remove decoder.half"
+                        .into(),
+                );
+            }
+            if hs.in_channels != self.sse.in_channels {
+                return bad(format!(
+                    "decoder.half.in_channels {} != sse.in_channels {}",
+                    hs.in_channels, self.sse.in_channels
+                ));
+            }
+        }
         if self.clip_finetune.is_trainable() && self.sse.mode == SseMode::CnnOnly {
             return bad(format!(
                 "clip_finetune {} needs CLIP's image features, but sse.mode cnn_only does \

@@ -372,7 +372,7 @@ impl TgcNet {
         };
         let logits = self
             .decoder
-            .forward_with_f4(
+            .forward_with_guidance(
                 &cal.vision,
                 &text_vec,
                 &pyramid.f16,
@@ -381,6 +381,7 @@ impl TgcNet {
                     .f4
                     .as_ref()
                     .filter(|_| self.cfg.decoder.quarter.is_some()),
+                Some(cnn_images).filter(|_| self.cfg.decoder.half.is_some()),
                 clip_cost.as_ref(),
                 train,
             )

@@ -67,6 +67,42 @@ fn quarter_stage_trains_every_parameter() {
     assert!(err.contains("clip_only"), "{err}");
 }
 
+/// The decoder's optional 1/2 stage (guided by the CNN branch's input image): logits
+/// still come out at the label size, every parameter gets a gradient, and a stage whose
+/// input width is not the image's, or one without a CNN, is a config error.
+#[test]
+fn half_stage_trains_every_parameter() {
+    let mut cfg = TgcConfig::tiny();
+    cfg.decoder.text_film = true;
+    cfg.decoder.quarter = Some(tgc_decoder::QuarterStage {
+        in_channels: cfg.sse.stem_channels,
+        proj: 4,
+        up_channels: 8,
+        dim: 8,
+    });
+    cfg.decoder.half = Some(tgc_decoder::HalfStage {
+        in_channels: cfg.sse.in_channels,
+        proj: 4,
+        up_channels: 4,
+        dim: 4,
+    });
+    check_gradients(cfg.clone(), 2);
+    let mut bad = cfg.clone();
+    bad.decoder.half.as_mut().unwrap().in_channels += 1;
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(err.contains("sse.in_channels"), "{err}");
+    let mut no_quarter = cfg.clone();
+    no_quarter.decoder.quarter = None;
+    let err = no_quarter.validate().unwrap_err().to_string();
+    assert!(err.contains("quarter"), "{err}");
+    let err = cfg
+        .with_sse_mode(SseMode::ClipOnly)
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("clip_only"), "{err}");
+}
+
 /// Every model configuration shipped in `configs/` (the QaTa runs of docs/results.md and
 /// the probes under `configs/probes/`) parses, validates, builds, and trains every
 /// parameter: a stale field or a width mismatch there would otherwise surface only when
