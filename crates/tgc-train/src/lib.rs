@@ -4,7 +4,7 @@
 //! |---|---|
 //! | [`optim`] | [`AdamW`] (PyTorch semantics, decoupled weight decay) whose moments can be checkpointed, and [`clip_grad_norm`] (as `torch.nn.utils.clip_grad_norm_`) |
 //! | [`schedule`] | [`WarmupCosine`]: linear warm-up then cosine decay to a floor |
-//! | [`loss`] | [`bce_with_logits`], [`soft_dice_loss`], [`dice_bce`], LViT's exact [`lvit_weighted_dice_bce`], chosen by config with [`SegLoss`] |
+//! | [`loss`] | [`bce_with_logits`], [`soft_dice_loss`], [`dice_bce`] (fused on CPU: [`weighted_dice_bce`]), LViT's exact [`lvit_weighted_dice_bce`], chosen by config with [`SegLoss`] |
 //! | [`checkpoint`] | atomic safetensors checkpoints with metadata, clear load errors, config-compatibility check |
 //! | [`early_stop`] | [`EarlyStopping`]: best-metric tracking and patience, serialisable for resume |
 //! | [`ema`] | [`WeightEma`]: exponential moving average of the weights, validated and checkpointed in their place |
@@ -99,7 +99,9 @@ pub use ema::{WeightEma, EMA_UPDATES_KEY, RAW_WEIGHT_PREFIX};
 pub use error::{Error, Result};
 pub use guard::check_finite;
 pub use log::{read_jsonl, MetricsWriter};
-pub use loss::{bce_with_logits, dice_bce, lvit_weighted_dice_bce, soft_dice_loss, SegLoss};
+pub use loss::{
+    bce_with_logits, dice_bce, lvit_weighted_dice_bce, soft_dice_loss, weighted_dice_bce, SegLoss,
+};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, StepStats};
 pub use overlay::{render_overlay, write_overlay, OverlayConfig};
 pub use plot::{plot_curves, plot_curves_from_jsonl, PlotConfig};

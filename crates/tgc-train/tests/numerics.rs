@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use tgc_train::checkpoint::{load_checkpoint, save_checkpoint};
-use tgc_train::loss::{bce_with_logits, dice_bce, lvit_weighted_dice_bce, soft_dice_loss, SegLoss};
+use tgc_train::loss::{
+    bce_with_logits, dice_bce, lvit_weighted_dice_bce, soft_dice_loss, weighted_dice_bce, SegLoss,
+};
 use tgc_train::{clip_grad_norm, AdamW, AdamWConfig, Error, WarmupCosine};
 
 type R = Result<(), Box<dyn std::error::Error>>;
@@ -488,5 +490,69 @@ fn early_stopping_hand_computed() -> R {
         );
     }
     assert!(EarlyStopping::new(1, -1.0).is_err());
+    Ok(())
+}
+
+/// The fused `weighted_dice_bce` against the composition of `bce_with_logits` and
+/// `soft_dice_loss` (whose values and gradients the tests above check against PyTorch):
+/// value and gradient, f32 and f64, several weights and smoothing terms, a prompt with an
+/// empty target, soft targets, an upstream gradient other than 1, and a non-contiguous
+/// input.
+#[test]
+fn fused_dice_bce_matches_the_composed_losses() -> R {
+    let dev = Device::Cpu;
+    let shape = (3, 2, 17, 19);
+    let x64 = (Tensor::randn(0f64, 3.0, shape, &dev)? - 1.0)?;
+    let hard = Tensor::rand(0f64, 1.0, shape, &dev)?
+        .gt(0.7)?
+        .to_dtype(DType::F64)?;
+    // Prompt (0, 1) has an empty mask.
+    let empty = Tensor::zeros((1, 1, 17, 19), DType::F64, &dev)?;
+    let hard = hard.slice_assign(&[0..1, 1..2, 0..17, 0..19], &empty)?;
+    let soft = Tensor::rand(0f64, 1.0, shape, &dev)?;
+    for target in [&hard, &soft] {
+        for (w_bce, w_dice, smooth) in [(0.5, 0.5, 1.0), (0.3, 0.7, 1e-5), (1.0, 0.0, 1.0)] {
+            // (dtype, value tolerance, gradient tolerance): per-pixel gradients are
+            // O(1 / pixels), so they are compared at that scale.
+            for (dtype, tol, gtol) in [(DType::F64, 1e-12, 1e-14), (DType::F32, 2e-5, 2e-8)] {
+                let t = target.to_dtype(dtype)?;
+                let vf = Var::from_tensor(&x64.to_dtype(dtype)?)?;
+                let vc = Var::from_tensor(&x64.to_dtype(dtype)?)?;
+                let fused = (weighted_dice_bce(vf.as_tensor(), &t, w_bce, w_dice, smooth)? * 3.0)?;
+                let composed = ((bce_with_logits(vc.as_tensor(), &t)? * w_bce)?
+                    + (soft_dice_loss(vc.as_tensor(), &t, smooth)? * w_dice)?)?;
+                let composed = (composed * 3.0)?;
+                assert_eq!(fused.rank(), 0);
+                let (a, b) = (
+                    fused.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                    composed.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                );
+                assert!(
+                    (a - b).abs() <= tol * b.abs().max(1.0),
+                    "{dtype:?} w ({w_bce}, {w_dice}) smooth {smooth}: fused {a} vs composed {b}"
+                );
+                let gf = fused.backward()?;
+                let gc = composed.backward()?;
+                let d = max_abs_diff(
+                    gf.get(vf.as_tensor()).expect("fused gradient"),
+                    gc.get(vc.as_tensor()).expect("composed gradient"),
+                );
+                assert!(
+                    d <= gtol,
+                    "{dtype:?} w ({w_bce}, {w_dice}) smooth {smooth}: gradients differ by {d:e}"
+                );
+            }
+        }
+    }
+    // A transposed view gives what its contiguous copy gives.
+    let xt = x64.transpose(2, 3)?;
+    let tt = soft.transpose(2, 3)?;
+    assert!(!xt.is_contiguous());
+    let a = dice_bce(&xt, &tt, 0.5, 0.5)?.to_scalar::<f64>()?;
+    let b = dice_bce(&xt.contiguous()?, &tt.contiguous()?, 0.5, 0.5)?.to_scalar::<f64>()?;
+    assert_eq!(a, b);
+    // Bad smoothing and mismatched shapes are errors.
+    assert!(weighted_dice_bce(&x64, &soft, 0.5, 0.5, -1.0).is_err());
+    assert!(weighted_dice_bce(&x64, &soft.narrow(3, 0, 18)?, 0.5, 0.5, 1.0).is_err());
     Ok(())
 }
