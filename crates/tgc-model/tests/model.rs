@@ -41,11 +41,8 @@ fn every_ablation_variant_trains_every_parameter() {
     );
 }
 
-/// The decoder's optional 1/4 stage (guided by the SSE's stem output): logits still come
-/// out at the label size, every parameter (stem included) gets a gradient, and a stage
-/// whose input width is not the stem's, or one without a CNN, is a config error.
-#[test]
-fn quarter_stage_trains_every_parameter() {
+/// `tiny` with the text FiLM and the decoder's quarter stage.
+fn tiny_with_quarter_stage() -> TgcConfig {
     let mut cfg = TgcConfig::tiny();
     cfg.decoder.text_film = true;
     cfg.decoder.quarter = Some(tgc_decoder::QuarterStage {
@@ -54,6 +51,15 @@ fn quarter_stage_trains_every_parameter() {
         up_channels: 8,
         dim: 8,
     });
+    cfg
+}
+
+/// The decoder's optional 1/4 stage (guided by the SSE's stem output): logits still come
+/// out at the label size, every parameter (stem included) gets a gradient, and a stage
+/// whose input width is not the stem's, or one without a CNN, is a config error.
+#[test]
+fn quarter_stage_trains_every_parameter() {
+    let cfg = tiny_with_quarter_stage();
     check_gradients(cfg.clone(), 2);
     let mut bad = cfg.clone();
     bad.decoder.quarter.as_mut().unwrap().in_channels += 1;
@@ -72,14 +78,7 @@ fn quarter_stage_trains_every_parameter() {
 /// input width is not the image's, or one without a CNN, is a config error.
 #[test]
 fn half_stage_trains_every_parameter() {
-    let mut cfg = TgcConfig::tiny();
-    cfg.decoder.text_film = true;
-    cfg.decoder.quarter = Some(tgc_decoder::QuarterStage {
-        in_channels: cfg.sse.stem_channels,
-        proj: 4,
-        up_channels: 8,
-        dim: 8,
-    });
+    let mut cfg = tiny_with_quarter_stage();
     cfg.decoder.half = Some(tgc_decoder::HalfStage {
         in_channels: cfg.sse.in_channels,
         proj: 4,
