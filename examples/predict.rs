@@ -37,6 +37,7 @@ struct Args {
 
 fn main() -> Result<()> {
     tgc::train::tune_cpu_threads();
+    tgc::train::retain_freed_memory();
     let args = Args::parse();
     let dev = Device::Cpu;
     // The model config travels in the checkpoint's metadata.

@@ -49,6 +49,7 @@ fn cpu_s() -> f64 {
 
 fn main() -> Result<()> {
     tgc::train::tune_cpu_threads();
+    tgc::train::retain_freed_memory();
     let args = Args::parse();
     let cfg = match &args.config {
         Some(p) => serde_json::from_str(

@@ -36,6 +36,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 
 fn main() -> Result<()> {
     tgc::train::tune_cpu_threads();
+    tgc::train::retain_freed_memory();
     let args = Args::parse();
     let dev = Device::Cpu;
     let cfg = match &args.checkpoint {

@@ -106,6 +106,7 @@ fn run(
 
 fn main() -> Result<()> {
     tgc::train::tune_cpu_threads();
+    tgc::train::retain_freed_memory();
     let args = Args::parse();
     let clip = weights(&args.clip_weights);
     let data_parallel = match args.data_parallel {

@@ -192,6 +192,7 @@ impl SegDataset for ShuffledCaptions {
 
 fn main() {
     tgc::train::tune_cpu_threads();
+    tgc::train::retain_freed_memory();
     if let Err(e) = run() {
         eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(1);

@@ -252,6 +252,7 @@ struct CacheArgs {
 
 fn main() {
     tgc_train::tune_cpu_threads();
+    tgc_train::retain_freed_memory();
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Train(a) => train(a),

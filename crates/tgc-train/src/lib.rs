@@ -13,6 +13,7 @@
 //! | [`plot`] | [`plot_curves`]: PNG of train loss and val Dice per epoch |
 //! | [`overlay`] | [`write_overlay`]: image with predicted / ground-truth contours and the prompt as caption |
 //! | [`font`] | the built-in 5x7 bitmap font used for captions and legends |
+//! | [`memory`] | [`retain_freed_memory`]: mimalloc keeps freed memory instead of returning it to the OS between steps |
 //! | [`threads`] | [`tune_cpu_threads`]: no spinning element-wise pool on small CPU machines; [`default_data_parallel`] |
 //!
 //! Only trainable parameters are `Var`s given to the optimiser; frozen towers are plain
@@ -84,6 +85,7 @@ pub mod font;
 pub mod guard;
 pub mod log;
 pub mod loss;
+pub mod memory;
 pub mod optim;
 pub mod overlay;
 pub mod plot;
@@ -102,6 +104,7 @@ pub use log::{read_jsonl, MetricsWriter};
 pub use loss::{
     bce_with_logits, dice_bce, lvit_weighted_dice_bce, soft_dice_loss, weighted_dice_bce, SegLoss,
 };
+pub use memory::retain_freed_memory;
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, StepStats};
 pub use overlay::{render_overlay, write_overlay, OverlayConfig};
 pub use plot::{plot_curves, plot_curves_from_jsonl, PlotConfig};
