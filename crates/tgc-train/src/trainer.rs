@@ -641,6 +641,33 @@ pub struct Trainer<'a> {
     vars: Vec<(String, Var)>,
     /// The weight average, when `ema_decay` is not 0.
     ema: Option<WeightEma>,
+    /// One thread pool per data-parallel part (empty when `data_parallel` is 1): each
+    /// part's kernels and matrix products run on its own pool instead of both parts
+    /// sharing the global one, where they queued behind each other's jobs and spent a
+    /// tenth of the step in the scheduler (`perf`: `sched_yield`, futex waits).
+    part_pools: Vec<rayon::ThreadPool>,
+}
+
+/// The thread pools of `parts` data-parallel parts (none for one part): the global
+/// pool's threads shared out evenly, at least one each.
+fn part_pools(parts: usize) -> Result<Vec<rayon::ThreadPool>> {
+    if parts <= 1 {
+        return Ok(Vec::new());
+    }
+    let threads = (rayon::current_num_threads() / parts).max(1);
+    (0..parts)
+        .map(|i| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(move |t| format!("tgc-part{i}-{t}"))
+                .build()
+                .map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "could not start the thread pool of data-parallel part {i}: {e}"
+                    ))
+                })
+        })
+        .collect()
 }
 
 /// The most further steps that fit in `remaining_secs` when a step costs `step_secs` and
@@ -759,6 +786,7 @@ impl<'a> Trainer<'a> {
         } else {
             Some(WeightEma::new(&vars, cfg.ema_decay)?)
         };
+        let part_pools = part_pools(cfg.data_parallel)?;
         Ok(Self {
             model,
             opt,
@@ -776,6 +804,7 @@ impl<'a> Trainer<'a> {
             planned_steps: None,
             vars,
             ema,
+            part_pools,
             cfg,
         })
     }
@@ -914,7 +943,8 @@ impl<'a> Trainer<'a> {
 
     /// The loss of one training batch and the gradients of the trainable parameters,
     /// as a training step computes them (nothing is updated): the batch is split into
-    /// `data_parallel` parts on their own threads when that is above 1, each part's loss
+    /// `data_parallel` parts on their own threads and thread pools when that is above 1
+    /// (the global pool's threads shared out evenly, at least one per part), each part's loss
     /// weighted by its share of the images so that the sum is the whole batch's loss,
     /// and the gradients summed in part order (deterministic). Frozen features come from
     /// (and go into) the trainer's cache.
@@ -930,6 +960,9 @@ impl<'a> Trainer<'a> {
             let (value, loss) = loss_of(&logits, batch)?;
             return Ok((value, loss.backward()?));
         }
+        if self.part_pools.len() < parts {
+            self.part_pools = part_pools(parts)?;
+        }
         let subs = batch.split(parts)?;
         // The feature cache is filled in order on this thread.
         let inputs = subs
@@ -942,12 +975,16 @@ impl<'a> Trainer<'a> {
             let handles: Vec<_> = subs
                 .iter()
                 .zip(&inputs)
-                .map(|(b, inp)| {
+                .zip(&self.part_pools)
+                .map(|((b, inp), pool)| {
                     scope.spawn(move || -> Result<(f64, GradStore)> {
-                        let logits = forward_inputs(model, inp, b, true)?;
-                        let (value, loss) = loss_of(&logits, b)?;
-                        let share = b.len() as f64 / total;
-                        Ok((value * share, (loss * share)?.backward()?))
+                        let work = || -> Result<(f64, GradStore)> {
+                            let logits = forward_inputs(model, inp, b, true)?;
+                            let (value, loss) = loss_of(&logits, b)?;
+                            let share = b.len() as f64 / total;
+                            Ok((value * share, (loss * share)?.backward()?))
+                        };
+                        pool.install(work)
                     })
                 })
                 .collect();
