@@ -7,9 +7,12 @@ use tgc_nn::{MatmulConv, MatmulConvTranspose, SeededVarMap};
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
+    abs_max(&(a - b).unwrap())
+}
+
+/// The largest absolute element of `t`, as f64.
+fn abs_max(t: &Tensor) -> f64 {
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -32,18 +35,7 @@ fn tol(dtype: DType) -> f64 {
 /// `tol(dtype)` scaled by the reference's magnitude (at least 1): a bias gradient is a
 /// sum over every output pixel, so its f32 rounding grows with its size.
 fn scaled_tol(reference: &Tensor, dtype: DType) -> f64 {
-    let m = reference
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    tol(dtype) * m.max(1.0)
+    tol(dtype) * abs_max(reference).max(1.0)
 }
 
 fn randn(shape: &[usize], std: f64, dtype: DType) -> Result<Var> {

@@ -641,19 +641,16 @@ pub struct Trainer<'a> {
     vars: Vec<(String, Var)>,
     /// The weight average, when `ema_decay` is not 0.
     ema: Option<WeightEma>,
-    /// One thread pool per data-parallel part (empty when `data_parallel` is 1): each
+    /// One thread pool per data-parallel part, built by the first data-parallel step: each
     /// part's kernels and matrix products run on its own pool instead of both parts
     /// sharing the global one, where they queued behind each other's jobs and spent a
     /// tenth of the step in the scheduler (`perf`: `sched_yield`, futex waits).
     part_pools: Vec<rayon::ThreadPool>,
 }
 
-/// The thread pools of `parts` data-parallel parts (none for one part): the global
-/// pool's threads shared out evenly, at least one each.
+/// The thread pools of `parts` data-parallel parts: the global pool's threads shared
+/// out evenly, at least one each.
 fn part_pools(parts: usize) -> Result<Vec<rayon::ThreadPool>> {
-    if parts <= 1 {
-        return Ok(Vec::new());
-    }
     let threads = (rayon::current_num_threads() / parts).max(1);
     (0..parts)
         .map(|i| {
@@ -786,7 +783,6 @@ impl<'a> Trainer<'a> {
         } else {
             Some(WeightEma::new(&vars, cfg.ema_decay)?)
         };
-        let part_pools = part_pools(cfg.data_parallel)?;
         Ok(Self {
             model,
             opt,
@@ -804,7 +800,7 @@ impl<'a> Trainer<'a> {
             planned_steps: None,
             vars,
             ema,
-            part_pools,
+            part_pools: Vec::new(),
             cfg,
         })
     }
@@ -961,7 +957,8 @@ impl<'a> Trainer<'a> {
             return Ok((value, loss.backward()?));
         }
         if self.part_pools.len() < parts {
-            self.part_pools = part_pools(parts)?;
+            // `parts` is below `data_parallel` only for a short batch.
+            self.part_pools = part_pools(self.cfg.data_parallel.max(parts))?;
         }
         let subs = batch.split(parts)?;
         // The feature cache is filled in order on this thread.
