@@ -5,6 +5,7 @@
 //! tgc train --preset tiny --phantoms ct --out runs/demo
 //! tgc eval --checkpoint runs/demo/best.safetensors --phantoms ct --csv scores.csv
 //! tgc eval --checkpoint runs/demo/best.safetensors --phantoms ct --tta flip
+//! tgc eval --checkpoint runs/demo/best.safetensors --phantoms ct --threshold 0.3,0.4,0.5
 //! tgc predict --checkpoint runs/demo/best.safetensors --image x.png \
 //!     --text "left lung opacity" --out mask.png --overlay overlay.png
 //! tgc info --preset paper
@@ -23,10 +24,10 @@ use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use tgc_data::{
     radiology_rewrite, read_image, swap_left_right, write_volume_u8, Augment, AugmentParams,
-    DataLoader, FeatureCache, HuWindow, Mask, Preprocess, Sample, SegDataset, Volume,
+    DataLoader, FeatureCache, HuWindow, Mask, Preprocess, Sample, SegDataset, SegMetrics, Volume,
 };
 use tgc_model::{TgcConfig, TgcNet, WeightSource, CONFIG_METADATA_KEY};
-use tgc_train::{evaluate, FeatureStore, Trainer, Tta};
+use tgc_train::{evaluate, FeatureStore, ImageScore, Trainer, Tta};
 
 use run::RunFile;
 
@@ -131,6 +132,11 @@ struct EvalArgs {
     /// "right" swapped in its caption; the two probability maps averaged, twice the cost).
     #[arg(long, default_value = "none")]
     tta: Tta,
+    /// Probability threshold of the masks (LViT's metric: 0.5). Several, comma-separated
+    /// (`0.3,0.4,0.5`), print one row per threshold from a single pass over the data;
+    /// --csv then scores the first.
+    #[arg(long, value_delimiter = ',', default_value = "0.5")]
+    threshold: Vec<f32>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -482,9 +488,19 @@ fn eval(a: EvalArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be positive");
     }
+    if let Some(t) = a.threshold.iter().find(|t| !(0.0..=1.0).contains(*t)) {
+        bail!("--threshold {t}: a threshold is a probability in [0, 1]");
+    }
     let pre = preprocess_of(&cfg);
     let mut store = FeatureStore::new(None, &pre, false);
-    let (m, scores) = evaluate(
+    // Every threshold is scored on the same probability maps, so a sweep costs one pass.
+    let mut sweep: Vec<SegMetrics> = a
+        .threshold
+        .iter()
+        .map(|&t| SegMetrics::with_threshold(t))
+        .collect();
+    let mut scores = vec![];
+    evaluate(
         &model,
         ds.clone(),
         pre,
@@ -492,14 +508,40 @@ fn eval(a: EvalArgs) -> Result<()> {
         &mut store,
         a.progress,
         a.tta,
-        |_, _| Ok(()),
+        |batch, probs| {
+            for m in sweep.iter_mut() {
+                m.update(probs, &batch.masks)?;
+            }
+            for i in 0..batch.len() {
+                let mut one = SegMetrics::with_threshold(a.threshold[0]);
+                one.update(&probs.narrow(0, i, 1)?, &batch.masks.narrow(0, i, 1)?)?;
+                let s = one.summary();
+                scores.push(ImageScore {
+                    id: batch.ids[i].clone(),
+                    dice: s.dice,
+                    iou: s.iou,
+                });
+            }
+            Ok(())
+        },
     )?;
     println!("dataset   {} ({} images)", ds.name(), ds.len());
-    println!("metric    value");
-    println!("Dice      {:.4}", m.dice);
-    println!("mIoU      {:.4}", m.iou);
-    println!("microDice {:.4}", m.micro_dice);
-    println!("n         {}", m.n_images);
+    if let [m] = sweep.as_slice() {
+        let m = m.summary();
+        println!("threshold {}", a.threshold[0]);
+        println!("metric    value");
+        println!("Dice      {:.4}", m.dice);
+        println!("mIoU      {:.4}", m.iou);
+        println!("microDice {:.4}", m.micro_dice);
+        println!("n         {}", m.n_images);
+    } else {
+        println!("threshold Dice   mIoU   microDice");
+        for (t, m) in a.threshold.iter().zip(&sweep) {
+            let m = m.summary();
+            println!("{:<9} {:.4} {:.4} {:.4}", t, m.dice, m.iou, m.micro_dice);
+        }
+        println!("n         {}", sweep[0].summary().n_images);
+    }
     if let Some(path) = &a.csv {
         let mut w = csv::Writer::from_path(path)
             .with_context(|| format!("cannot write {}", path.display()))?;

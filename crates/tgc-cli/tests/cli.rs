@@ -123,6 +123,50 @@ fn train_eval_predict_on_phantoms() {
         / val_count as f64;
     assert!((mean - dice).abs() < 1e-4, "{mean} vs {dice}");
 
+    // Thresholds: 0.5 is the default; a sweep scores every threshold on one pass, and at
+    // threshold 1 no probability is foreground, so the pooled Dice is 0 (every phantom
+    // has a lesion).
+    let s = stdout_of(
+        tgc()
+            .args(["eval", "--phantoms", "ct", "--count"])
+            .arg(val_count.to_string())
+            .args(["--threshold", "0.5", "--checkpoint"])
+            .arg(&ck),
+    );
+    assert_eq!(dice_line(&s), dice);
+    let s = stdout_of(
+        tgc()
+            .args(["eval", "--phantoms", "ct", "--count"])
+            .arg(val_count.to_string())
+            .args(["--threshold", "1,0.5", "--checkpoint"])
+            .arg(&ck),
+    );
+    let row = |t: &str| -> Vec<f64> {
+        s.lines()
+            .find_map(|l| l.strip_prefix(&format!("{t} ")))
+            .unwrap_or_else(|| panic!("no row for threshold {t}: {s}"))
+            .split_whitespace()
+            .map(|v| v.parse().expect("a number"))
+            .collect()
+    };
+    assert_eq!(row("0.5")[0], dice, "{s}");
+    assert_eq!(row("1")[2], 0.0, "{s}");
+    let out = tgc()
+        .args([
+            "eval",
+            "--phantoms",
+            "ct",
+            "--threshold",
+            "1.5",
+            "--checkpoint",
+        ])
+        .arg(&ck)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--threshold 1.5"), "{err}");
+
     // Flip test-time augmentation is accepted and gives a valid Dice (the averaging itself
     // is checked against an oracle in tgc-train's tests); an unknown one is refused.
     let eval_tta = |tta: &str| {
