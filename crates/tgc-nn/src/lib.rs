@@ -64,6 +64,7 @@ mod conv;
 mod group_norm;
 mod layer_norm;
 mod linear;
+pub mod reference;
 mod softmax;
 pub use conv::{
     conv2d, conv2d_no_bias, conv_transpose2d, conv_transpose2d_no_bias, MatmulConv,

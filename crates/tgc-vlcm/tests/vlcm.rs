@@ -5,98 +5,10 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use tgc_nn::reference::{layer_norm, linear, mha, param, randomise, Rows};
 use tgc_vlcm::{Calibrator, Error, Vlcm, VlcmConfig, VlcmVariant};
 
-type Rows = Vec<Vec<f64>>;
 type R = std::result::Result<(), Box<dyn std::error::Error>>;
-
-fn param(vm: &VarMap, name: &str) -> Vec<f64> {
-    let data = vm.data().lock().unwrap();
-    let var = data
-        .get(name)
-        .unwrap_or_else(|| panic!("no parameter `{name}` in the VarMap"));
-    var.as_tensor()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-}
-
-/// Replaces every parameter with N(0, 0.5²) values: zero biases and unit LN weights would
-/// hide errors in how they are applied.
-fn randomise(vm: &VarMap) -> Result<()> {
-    for var in vm.all_vars() {
-        let r = Tensor::randn(0f64, 0.5, var.shape(), var.device())?.to_dtype(var.dtype())?;
-        var.set(&r)?;
-    }
-    Ok(())
-}
-
-fn linear(x: &Rows, w: &[f64], b: &[f64]) -> Rows {
-    let out = b.len();
-    let inp = w.len() / out;
-    x.iter()
-        .map(|row| {
-            assert_eq!(row.len(), inp);
-            (0..out)
-                .map(|o| b[o] + (0..inp).map(|i| w[o * inp + i] * row[i]).sum::<f64>())
-                .collect()
-        })
-        .collect()
-}
-
-fn layer_norm(x: &Rows, g: &[f64], b: &[f64], eps: f64) -> Rows {
-    x.iter()
-        .map(|row| {
-            let n = row.len() as f64;
-            let mean = row.iter().sum::<f64>() / n;
-            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
-            let s = (var + eps).sqrt();
-            row.iter()
-                .enumerate()
-                .map(|(i, v)| (v - mean) / s * g[i] + b[i])
-                .collect()
-        })
-        .collect()
-}
-
-/// Multi-head attention with explicit per-head loops; keys with `mask == 0` are skipped.
-fn mha(vm: &VarMap, prefix: &str, q: &Rows, kv: &Rows, mask: &[f64], heads: usize) -> Rows {
-    assert_eq!(kv.len(), mask.len());
-    let p = |n: &str| param(vm, &format!("{prefix}.{n}"));
-    let qp = linear(q, &p("q_proj.weight"), &p("q_proj.bias"));
-    let kp = linear(kv, &p("k_proj.weight"), &p("k_proj.bias"));
-    let vp = linear(kv, &p("v_proj.weight"), &p("v_proj.bias"));
-    let dim = qp[0].len();
-    let hd = dim / heads;
-    let mut out = vec![vec![0.0; dim]; q.len()];
-    for h in 0..heads {
-        let cols = h * hd..(h + 1) * hd;
-        for (i, qi) in qp.iter().enumerate() {
-            let scores: Vec<Option<f64>> = kp
-                .iter()
-                .zip(mask)
-                .map(|(kj, &m)| {
-                    (m > 0.5).then(|| {
-                        cols.clone().map(|c| qi[c] * kj[c]).sum::<f64>() / (hd as f64).sqrt()
-                    })
-                })
-                .collect();
-            let max = scores.iter().flatten().cloned().fold(f64::MIN, f64::max);
-            let exps: Vec<f64> = scores
-                .iter()
-                .map(|s| s.map_or(0.0, |s| (s - max).exp()))
-                .collect();
-            let z: f64 = exps.iter().sum();
-            for c in cols.clone() {
-                out[i][c] = exps.iter().zip(&vp).map(|(e, vj)| e / z * vj[c]).sum();
-            }
-        }
-    }
-    linear(&out, &p("out_proj.weight"), &p("out_proj.bias"))
-}
 
 fn add(a: &Rows, b: &Rows) -> Rows {
     a.iter()
