@@ -580,6 +580,12 @@ fn predict(a: PredictArgs) -> Result<()> {
     let (Some(image_path), Some(text)) = (&a.image, &a.text) else {
         bail!("pass --image and --text (or --volume and --organs)");
     };
+    if text.trim().is_empty() {
+        bail!("--text is empty: give the report sentence that describes the finding");
+    }
+    if a.aux_text.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        bail!("--aux-text is empty: leave it out to derive it from --text");
+    }
     if !image_path.is_file() {
         bail!("image {} not found", image_path.display());
     }

@@ -273,6 +273,26 @@ fn predict_missing_image_is_one_line_error() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.starts_with("error: "), "{err}");
     assert!(err.contains("no-such-image.png"), "{err}");
+
+    // A blank prompt is refused before anything is loaded, naming the flag.
+    let out = tgc()
+        .args([
+            "predict",
+            "--checkpoint",
+            "no-such.safetensors",
+            "--image",
+            "no-such-image.png",
+            "--text",
+            "  ",
+            "--out",
+            "m.png",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("--text is empty"), "{err}");
 }
 
 #[test]
