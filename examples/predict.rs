@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use clap::Parser;
 use tgc::data::{AugmentParams, PhantomKind, Preprocess, SegDataset, SyntheticPhantoms};
 use tgc::model::{TgcConfig, TgcNet, WeightSource, CONFIG_METADATA_KEY};
@@ -39,7 +39,8 @@ fn main() -> Result<()> {
     tgc::train::tune_cpu_threads();
     tgc::train::retain_freed_memory();
     let args = Args::parse();
-    let dev = Device::Cpu;
+    // `auto`: a CUDA or Metal GPU when built with that feature, else the CPU.
+    let dev = tgc::model::select_device("auto")?;
     // The model config travels in the checkpoint's metadata.
     let cfg = match &args.checkpoint {
         Some(ck) => {

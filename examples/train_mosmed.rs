@@ -28,6 +28,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(about = "Train TGC-Net on MosMedData+ (or on synthetic CT phantoms with no --data)")]
 struct Args {
+    /// Where to train: auto (a CUDA or Metal GPU when built with `--features cuda` or
+    /// `--features metal` and one answers, else the CPU), cpu, cuda[:N] or metal[:N].
+    #[arg(long, default_value = "auto")]
+    device: String,
     /// MosMedData+ root in LViT layout; none trains on synthetic CT phantoms.
     #[arg(long)]
     data: Option<PathBuf>,
@@ -72,6 +76,7 @@ fn weights(spec: &str) -> WeightSource {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     cfg: TgcConfig,
     tc: TrainConfig,
@@ -80,14 +85,14 @@ fn run(
     clip: &WeightSource,
     out: &std::path::Path,
     resume: bool,
+    dev: &candle_core::Device,
 ) -> Result<f64> {
     let pre = Preprocess {
         clip_size: cfg.clip_size,
         cnn_size: cfg.cnn_size,
         label_size: cfg.label_size,
     };
-    let model = TgcNet::load(cfg, clip, &candle_core::Device::cuda_if_available(0)?)
-        .context("building the model")?;
+    let model = TgcNet::load(cfg, clip, dev).context("building the model")?;
     let counts = model.param_counts();
     println!(
         "trainable parameters: {} ({:?}); frozen CLIP: {}",
@@ -104,11 +109,19 @@ fn run(
     Ok(summary.best_val_dice)
 }
 
-fn main() -> Result<()> {
+fn main() {
     tgc::train::tune_cpu_threads();
     tgc::train::retain_freed_memory();
+    if let Err(e) = train() {
+        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
+}
+
+fn train() -> Result<()> {
     let args = Args::parse();
     let clip = weights(&args.clip_weights);
+    let dev = tgc::model::select_device(&args.device)?;
     let data_parallel = match args.data_parallel {
         0 => tgc::train::default_data_parallel(),
         n => n,
@@ -141,6 +154,7 @@ fn main() -> Result<()> {
                     &clip,
                     &out,
                     args.resume,
+                    &dev,
                 )
             };
             if args.image_only {
@@ -156,6 +170,7 @@ fn main() -> Result<()> {
                 &clip,
                 &out,
                 args.resume,
+                &dev,
             )?;
             println!("held-out Dice with text: {:.2}", 100.0 * full);
             if !args.no_baseline {
@@ -182,7 +197,7 @@ fn main() -> Result<()> {
             }
             tc.cache_dir = Some(args.out.join("feature-cache"));
             tc.data_parallel = data_parallel;
-            let best = run(cfg, tc, train, val, &clip, &args.out, args.resume)?;
+            let best = run(cfg, tc, train, val, &clip, &args.out, args.resume, &dev)?;
             println!("best val Dice: {:.2}", 100.0 * best);
         }
     }

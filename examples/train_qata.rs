@@ -29,6 +29,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(about = "Train TGC-Net on QaTa-COV19 (LViT layout)")]
 struct Args {
+    /// Where to train: auto (a CUDA or Metal GPU when built with `--features cuda` or
+    /// `--features metal` and one answers, else the CPU), cpu, cuda[:N] or metal[:N].
+    #[arg(long, default_value = "auto")]
+    device: String,
     /// QaTa-COV19 root in LViT layout (default: ../shared/data/qata-cov19 from the repo
     /// root).
     #[arg(long)]
@@ -202,6 +206,7 @@ fn main() {
 fn run() -> Result<()> {
     let program_start = std::time::Instant::now();
     let args = Args::parse();
+    let dev = tgc::model::select_device(&args.device)?;
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let root = args
         .data
@@ -263,12 +268,8 @@ fn run() -> Result<()> {
         // cached cost from such short runs was noise (0.09 s/step predicted, 0.24 taken),
         // and here the cache saves only 5-10% per step.
         let fit_secs = |steps: u64| -> Result<f64> {
-            let probe = TgcNet::load(
-                cfg.clone(),
-                &weights(&args.clip_weights),
-                &candle_core::Device::cuda_if_available(0)?,
-            )
-            .context("building the probe model")?;
+            let probe = TgcNet::load(cfg.clone(), &weights(&args.clip_weights), &dev)
+                .context("building the probe model")?;
             let tc = TrainConfig {
                 epochs: 1,
                 max_steps: Some(steps),
@@ -301,12 +302,8 @@ fn run() -> Result<()> {
         println!("probe: {per_step:.2} s/step -> max_steps {budget} for {minutes} min");
         max_steps = Some(max_steps.map_or(budget, |m| m.min(budget)));
     }
-    let model = TgcNet::load(
-        cfg,
-        &weights(&args.clip_weights),
-        &candle_core::Device::cuda_if_available(0)?,
-    )
-    .context("building the model")?;
+    let model =
+        TgcNet::load(cfg, &weights(&args.clip_weights), &dev).context("building the model")?;
     let counts = model.param_counts();
     println!(
         "trainable parameters: {} ({:?}); frozen: {}",

@@ -41,6 +41,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "TGC-Net: text-guided medical image segmentation (train, eval, predict, ...)"
 )]
 struct Cli {
+    /// Where the model runs: auto (a CUDA or Metal GPU when this build has the feature
+    /// and one answers, else the CPU), cpu, cuda[:N] or metal[:N]. GPUs need a build with
+    /// `--features cuda` or `--features metal`.
+    #[arg(long, global = true, default_value = "auto")]
+    device: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -261,12 +266,15 @@ fn main() {
     tgc_train::retain_freed_memory();
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Train(a) => train(a),
-        Cmd::Eval(a) => eval(a),
-        Cmd::Predict(a) => predict(a),
         Cmd::Info(a) => info(a),
-        Cmd::Similarity(a) => similarity(a),
-        Cmd::Cache(a) => cache(a),
+        cmd => device(&cli.device).and_then(|dev| match cmd {
+            Cmd::Train(a) => train(a, &dev),
+            Cmd::Eval(a) => eval(a, &dev),
+            Cmd::Predict(a) => predict(a, &dev),
+            Cmd::Similarity(a) => similarity(a, &dev),
+            Cmd::Cache(a) => cache(a, &dev),
+            Cmd::Info(_) => unreachable!("handled above"),
+        }),
     };
     if let Err(e) = res {
         let msg = format!("{e:#}").replace('\n', " ");
@@ -283,8 +291,18 @@ fn preprocess_of(cfg: &TgcConfig) -> Preprocess {
     }
 }
 
-fn build_model(cfg: TgcConfig, weights: &WeightSource) -> Result<TgcNet> {
-    TgcNet::load(cfg, weights, &Device::Cpu).context("building the model")
+/// The `--device` flag as a device; a GPU is announced on stderr (the CPU, the common
+/// case, is not).
+fn device(spec: &str) -> Result<Device> {
+    let dev = tgc_model::select_device(spec)?;
+    if !dev.is_cpu() {
+        eprintln!("device: {:?}", dev.location());
+    }
+    Ok(dev)
+}
+
+fn build_model(cfg: TgcConfig, weights: &WeightSource, dev: &Device) -> Result<TgcNet> {
+    TgcNet::load(cfg, weights, dev).context("building the model")
 }
 
 /// What `tgc train` writes next to its checkpoints so later commands can find the
@@ -298,7 +316,7 @@ struct RunRecord {
     train: tgc_train::TrainConfig,
 }
 
-fn train(a: TrainArgs) -> Result<()> {
+fn train(a: TrainArgs, dev: &Device) -> Result<()> {
     let file = match &a.config {
         Some(p) => RunFile::read(p)?,
         None => RunFile::default(),
@@ -382,7 +400,7 @@ fn train(a: TrainArgs) -> Result<()> {
         train_ds.name(),
         out.display()
     );
-    let model = build_model(cfg, &run::weight_source(&clip_spec))?;
+    let model = build_model(cfg, &run::weight_source(&clip_spec), dev)?;
     let counts = model.param_counts();
     println!(
         "trainable parameters: {} ({:?}); frozen towers: {}",
@@ -459,18 +477,18 @@ fn clip_for_checkpoint(flag: Option<&str>, checkpoint: &Path) -> String {
     rec.unwrap_or_else(|| "random".into())
 }
 
-fn load_trained(checkpoint: &Path, clip_flag: Option<&str>) -> Result<TgcNet> {
+fn load_trained(checkpoint: &Path, clip_flag: Option<&str>, dev: &Device) -> Result<TgcNet> {
     let cfg = checkpoint_config(checkpoint)?;
     let clip = clip_for_checkpoint(clip_flag, checkpoint);
-    let model = build_model(cfg, &run::weight_source(&clip))?;
+    let model = build_model(cfg, &run::weight_source(&clip), dev)?;
     model
         .load_weights(checkpoint)
         .with_context(|| format!("loading weights from {}", checkpoint.display()))?;
     Ok(model)
 }
 
-fn eval(a: EvalArgs) -> Result<()> {
-    let model = load_trained(&a.checkpoint, a.clip_weights.as_deref())?;
+fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
+    let model = load_trained(&a.checkpoint, a.clip_weights.as_deref(), dev)?;
     let cfg = model.config().clone();
     let ds: Arc<dyn SegDataset> = match (&a.data, &a.phantoms) {
         (Some(root), _) => run::head(run::lvit(root, run::split(&a.split)?)?, a.count),
@@ -573,9 +591,9 @@ fn resize_nearest(v: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> Vec<f3
     out
 }
 
-fn predict(a: PredictArgs) -> Result<()> {
+fn predict(a: PredictArgs, dev: &Device) -> Result<()> {
     if let Some(vol) = &a.volume {
-        return predict_volume(&a, vol);
+        return predict_volume(&a, vol, dev);
     }
     let (Some(image_path), Some(text)) = (&a.image, &a.text) else {
         bail!("pass --image and --text (or --volume and --organs)");
@@ -591,7 +609,7 @@ fn predict(a: PredictArgs) -> Result<()> {
     }
     let image = read_image(image_path)
         .with_context(|| format!("cannot read image {}", image_path.display()))?;
-    let model = load_trained(&a.checkpoint, a.clip_weights.as_deref())?;
+    let model = load_trained(&a.checkpoint, a.clip_weights.as_deref(), dev)?;
     let cfg = model.config().clone();
     let pre = preprocess_of(&cfg);
     let (h, w) = (image.height, image.width);
@@ -676,11 +694,11 @@ fn predict_sample(
     aux: &[&str],
     tta: Tta,
 ) -> Result<Vec<f32>> {
-    let dev = Device::Cpu;
+    let dev = model.device();
     let pass = |params: &AugmentParams, prompts: &[&str], aux: &[&str]| -> Result<Vec<f32>> {
         let p = pre.apply(sample, params);
-        let clip = Tensor::from_vec(p.clip, (3, pre.clip_size, pre.clip_size), &dev)?;
-        let cnn = Tensor::from_vec(p.cnn, (3, pre.cnn_size, pre.cnn_size), &dev)?;
+        let clip = Tensor::from_vec(p.clip, (3, pre.clip_size, pre.clip_size), dev)?;
+        let cnn = Tensor::from_vec(p.cnn, (3, pre.cnn_size, pre.cnn_size), dev)?;
         let probs = model.predict(&clip, &cnn, prompts, Some(aux))?;
         Ok(probs.flatten_all()?.to_vec1::<f32>()?)
     };
@@ -706,7 +724,7 @@ fn predict_sample(
 }
 
 /// Segments every axial slice of a volume once per organ and writes the label map.
-fn predict_volume(a: &PredictArgs, path: &Path) -> Result<()> {
+fn predict_volume(a: &PredictArgs, path: &Path, dev: &Device) -> Result<()> {
     if a.organs.is_empty() || a.organs.iter().any(|o| o.trim().is_empty()) {
         bail!("--organs needs a comma-separated list of organ names");
     }
@@ -715,7 +733,7 @@ fn predict_volume(a: &PredictArgs, path: &Path) -> Result<()> {
     }
     let vol =
         Volume::read(path).with_context(|| format!("cannot read volume {}", path.display()))?;
-    let model = load_trained(&a.checkpoint, a.clip_weights.as_deref())?;
+    let model = load_trained(&a.checkpoint, a.clip_weights.as_deref(), dev)?;
     let cfg = model.config().clone();
     let pre = preprocess_of(&cfg);
     let window = HuWindow {
@@ -791,7 +809,7 @@ fn info(a: InfoArgs) -> Result<()> {
         .unwrap_or_else(|| "cpu".into());
     let cfg = run::model_config(&preset, file.model.as_ref())?;
     // Counting needs no weights: the frozen towers get deterministic random values.
-    let model = build_model(cfg.clone(), &WeightSource::Random { seed: 0 })?;
+    let model = build_model(cfg.clone(), &WeightSource::Random { seed: 0 }, &Device::Cpu)?;
     let c = model.param_counts();
     println!("preset {preset} (frozen towers built with random weights: counting only)");
     println!(
@@ -811,21 +829,20 @@ fn info(a: InfoArgs) -> Result<()> {
     Ok(())
 }
 
-fn similarity(a: SimilarityArgs) -> Result<()> {
+fn similarity(a: SimilarityArgs, dev: &Device) -> Result<()> {
     if !a.image.is_file() {
         bail!("image {} not found", a.image.display());
     }
     let img = image::open(&a.image)
         .with_context(|| format!("cannot read image {}", a.image.display()))?;
     let cfg = TgcConfig::preset(&a.preset)?;
-    let dev = Device::Cpu;
-    let towers = tgc_model::FrozenTowers::load(&cfg, &run::weight_source(&a.clip_weights), &dev)
+    let towers = tgc_model::FrozenTowers::load(&cfg, &run::weight_source(&a.clip_weights), dev)
         .context("loading CLIP")?;
-    let pixels = tgc_clip::preprocess(&img, cfg.clip_size, &dev)?;
+    let pixels = tgc_clip::preprocess(&img, cfg.clip_size, dev)?;
     let (ids, mask) = towers.tokenizer().encode_padded(&a.text)?;
     let n = ids.len();
-    let ids = Tensor::from_vec(ids, n, &dev)?;
-    let mask = Tensor::from_vec(mask, n, &dev)?;
+    let ids = Tensor::from_vec(ids, n, dev)?;
+    let mask = Tensor::from_vec(mask, n, dev)?;
     let map = tgc_clip::similarity_map(towers.clip(), &pixels, &ids, Some(&mask))?;
     tgc_clip::write_heatmap_png(&map, &a.out)
         .with_context(|| format!("cannot write {}", a.out.display()))?;
@@ -858,7 +875,7 @@ fn dir_size(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn cache(a: CacheArgs) -> Result<()> {
+fn cache(a: CacheArgs, dev: &Device) -> Result<()> {
     let cfg = TgcConfig::preset(&a.preset)?;
     let ds: Arc<dyn SegDataset> = match (&a.data, &a.phantoms) {
         (Some(root), _) => run::lvit(root, run::split(&a.split)?)?,
@@ -873,7 +890,7 @@ fn cache(a: CacheArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be positive");
     }
-    let model = build_model(cfg.clone(), &run::weight_source(&a.clip_weights))?;
+    let model = build_model(cfg.clone(), &run::weight_source(&a.clip_weights), dev)?;
     let pre = preprocess_of(&cfg);
     // The same model id as the trainer's disk cache, so `train.cache_dir` finds it.
     let disk = FeatureCache::open(&a.out, &cfg.frozen_id(""))
@@ -884,7 +901,7 @@ fn cache(a: CacheArgs) -> Result<()> {
         passes.push(Augment::always_flip());
     }
     for aug in passes {
-        let loader = DataLoader::new(ds.clone(), pre, a.batch_size, None, aug, Device::Cpu);
+        let loader = DataLoader::new(ds.clone(), pre, a.batch_size, None, aug, dev.clone());
         let bar = indicatif::ProgressBar::new(loader.num_batches() as u64);
         bar.set_style(
             indicatif::ProgressStyle::with_template("cache {bar:30} {pos}/{len} [{elapsed}<{eta}]")

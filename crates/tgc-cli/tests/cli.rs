@@ -296,6 +296,29 @@ fn predict_missing_image_is_one_line_error() {
 }
 
 #[test]
+fn device_flag_is_checked_before_anything_loads() {
+    let run = |device: &str| {
+        tgc()
+            .args(["eval", "--phantoms", "ct", "--device", device])
+            .args(["--checkpoint", "no-such.safetensors"])
+            .output()
+            .expect("runs")
+    };
+    let out = run("tpu");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("unknown device \"tpu\""), "{err}");
+    if !candle_core::utils::cuda_is_available() {
+        let err = String::from_utf8_lossy(&run("cuda:0").stderr).to_string();
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+    // cpu gets as far as the checkpoint.
+    let err = String::from_utf8_lossy(&run("cpu").stderr).to_string();
+    assert!(err.contains("no-such.safetensors"), "{err}");
+}
+
+#[test]
 fn unknown_run_file_field_is_named() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("run.toml");

@@ -34,6 +34,9 @@ pub enum Error {
     /// Bad input to the model.
     #[error("input: {0}")]
     Input(String),
+    /// A device name that is unknown, not compiled in, or has no hardware behind it.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 /// Result type of the model crate.

@@ -41,6 +41,9 @@
 //! ([`TgcNet::forward`], [`TgcNet::forward_images`]); [`TgcNet::forward_features`]
 //! refuses precomputed ones, since they would bypass the tower being trained.
 //!
+//! [`select_device`] turns a name (`auto`, `cpu`, `cuda:N`, `metal:N`) into a device,
+//! with an error that says which feature to build with when one is missing.
+//!
 //! No pretrained CLIP is reachable on the development machines, so tests and the CPU
 //! demos use CLIP in its real architecture with deterministic random weights
 //! (`WeightSource::Random`); real weights load from the hub or a safetensors file.
@@ -60,6 +63,7 @@
 //! ```
 
 mod config;
+mod device;
 mod error;
 pub mod finetune;
 mod model;
@@ -67,6 +71,7 @@ pub mod text;
 mod towers;
 
 pub use config::{ClipFinetune, TextMode, TextTower, TgcConfig};
+pub use device::select_device;
 pub use error::{Error, Result};
 pub use model::{
     clip_cost_map, clip_param_count, ParamCounts, TgcInput, TgcNet, CONFIG_METADATA_KEY,
