@@ -151,20 +151,18 @@ fn train_eval_predict_on_phantoms() {
     };
     assert_eq!(row("0.5")[0], dice, "{s}");
     assert_eq!(row("1")[2], 0.0, "{s}");
-    let out = tgc()
-        .args([
-            "eval",
-            "--phantoms",
-            "ct",
-            "--threshold",
-            "1.5",
-            "--checkpoint",
-        ])
-        .arg(&ck)
-        .output()
-        .expect("runs");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = one_line_error(
+        tgc()
+            .args([
+                "eval",
+                "--phantoms",
+                "ct",
+                "--threshold",
+                "1.5",
+                "--checkpoint",
+            ])
+            .arg(&ck),
+    );
     assert!(err.contains("--threshold 1.5"), "{err}");
 
     // Flip test-time augmentation is accepted and gives a valid Dice (the averaging itself
@@ -241,80 +239,64 @@ fn train_eval_predict_on_phantoms() {
     }
 
     // A file that is not a checkpoint: one error line naming it.
-    let out = tgc()
-        .args(["eval", "--phantoms", "ct", "--checkpoint"])
-        .arg(&img)
-        .output()
-        .expect("runs");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let err = one_line_error(
+        tgc()
+            .args(["eval", "--phantoms", "ct", "--checkpoint"])
+            .arg(&img),
+    );
     assert!(err.contains("x.png"), "{err}");
+}
+
+/// Runs a command that must fail; checks it exits with 1 and prints one `error: ` line,
+/// which it returns.
+fn one_line_error(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("runs");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    err
 }
 
 #[test]
 fn predict_missing_image_is_one_line_error() {
-    let out = tgc()
-        .args([
+    let predict = |text: &str| {
+        one_line_error(tgc().args([
             "predict",
             "--checkpoint",
             "no-such.safetensors",
             "--image",
             "no-such-image.png",
             "--text",
-            "left lung",
+            text,
             "--out",
             "m.png",
-        ])
-        .output()
-        .expect("runs");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(err.starts_with("error: "), "{err}");
+        ]))
+    };
+    let err = predict("left lung");
     assert!(err.contains("no-such-image.png"), "{err}");
-
     // A blank prompt is refused before anything is loaded, naming the flag.
-    let out = tgc()
-        .args([
-            "predict",
-            "--checkpoint",
-            "no-such.safetensors",
-            "--image",
-            "no-such-image.png",
-            "--text",
-            "  ",
-            "--out",
-            "m.png",
-        ])
-        .output()
-        .expect("runs");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let err = predict("  ");
     assert!(err.contains("--text is empty"), "{err}");
 }
 
 #[test]
 fn device_flag_is_checked_before_anything_loads() {
-    let run = |device: &str| {
-        tgc()
-            .args(["eval", "--phantoms", "ct", "--device", device])
-            .args(["--checkpoint", "no-such.safetensors"])
-            .output()
-            .expect("runs")
+    let eval = |device: &str| {
+        one_line_error(
+            tgc()
+                .args(["eval", "--phantoms", "ct", "--device", device])
+                .args(["--checkpoint", "no-such.safetensors"]),
+        )
     };
-    let out = run("tpu");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let err = eval("tpu");
     assert!(err.contains("unknown device \"tpu\""), "{err}");
     if !candle_core::utils::cuda_is_available() {
-        let err = String::from_utf8_lossy(&run("cuda:0").stderr).to_string();
+        let err = eval("cuda:0");
         assert!(err.contains("--features cuda"), "{err}");
     }
     // cpu gets as far as the checkpoint.
-    let err = String::from_utf8_lossy(&run("cpu").stderr).to_string();
+    let err = eval("cpu");
     assert!(err.contains("no-such.safetensors"), "{err}");
 }
 
@@ -323,14 +305,11 @@ fn unknown_run_file_field_is_named() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("run.toml");
     std::fs::write(&cfg, "preset = \"tiny\"\n[train]\nepoch = 1\n").expect("write");
-    let out = tgc()
-        .args(["train", "--phantoms", "ct", "--config"])
-        .arg(&cfg)
-        .output()
-        .expect("runs");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let err = one_line_error(
+        tgc()
+            .args(["train", "--phantoms", "ct", "--config"])
+            .arg(&cfg),
+    );
     assert!(err.contains("`epoch`"), "{err}");
 }
 
