@@ -772,50 +772,20 @@ impl CostAggregationDecoder {
                 format!("[{b}, {d}, {}, {}]", 4 * h, 4 * w),
             ));
         }
-        match (&cfg.quarter, f4) {
-            (Some(q), Some(f4)) => {
-                if f4.dims() != [b, q.in_channels, 8 * h, 8 * w] {
-                    return Err(shape_err(
-                        "f4",
-                        f4,
-                        format!("[{b}, {}, {}, {}]", q.in_channels, 8 * h, 8 * w),
-                    ));
-                }
-            }
-            (None, None) => {}
-            (Some(_), None) => {
-                return Err(Error::Config(
-                    "the decoder has a quarter stage but no f4 map was given".into(),
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(Error::Config(
-                    "an f4 map was given but the decoder has no quarter stage".into(),
-                ))
-            }
-        }
-        match (&cfg.half, image) {
-            (Some(hs), Some(img)) => {
-                if img.dims() != [b, hs.in_channels, 32 * h, 32 * w] {
-                    return Err(shape_err(
-                        "image",
-                        img,
-                        format!("[{b}, {}, {}, {}]", hs.in_channels, 32 * h, 32 * w),
-                    ));
-                }
-            }
-            (None, None) => {}
-            (Some(_), None) => {
-                return Err(Error::Config(
-                    "the decoder has a half stage but no image was given".into(),
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(Error::Config(
-                    "an image was given but the decoder has no half stage".into(),
-                ))
-            }
-        }
+        check_stage_input(
+            "quarter",
+            "f4",
+            cfg.quarter.as_ref().map(|q| q.in_channels),
+            f4,
+            [b, 8 * h, 8 * w],
+        )?;
+        check_stage_input(
+            "half",
+            "image",
+            cfg.half.as_ref().map(|hs| hs.in_channels),
+            image,
+            [b, 32 * h, 32 * w],
+        )?;
 
         // 1. Cost volume, (B*K) x C_in x h x w.
         let cos = cost_volume(vision, text)?.reshape((bk, 1, h, w))?;
@@ -902,5 +872,36 @@ impl CostAggregationDecoder {
         }
         let logits = x.apply(&self.head)?;
         Ok(logits.reshape((b, k, scale * h, scale * w))?)
+    }
+}
+
+/// Checks the input of an optional decoder stage: present exactly when the stage is, and
+/// `[B, in_channels, H, W]` with `[B, H, W] = bhw` when it is.
+fn check_stage_input(
+    stage: &str,
+    input: &'static str,
+    in_channels: Option<usize>,
+    t: Option<&Tensor>,
+    bhw: [usize; 3],
+) -> Result<()> {
+    match (in_channels, t) {
+        (Some(c), Some(t)) => {
+            let [b, h, w] = bhw;
+            if t.dims() != [b, c, h, w] {
+                return Err(Error::Shape {
+                    tensor: input,
+                    got: t.dims().to_vec(),
+                    expected: format!("[{b}, {c}, {h}, {w}]"),
+                });
+            }
+            Ok(())
+        }
+        (None, None) => Ok(()),
+        (Some(_), None) => Err(Error::Config(format!(
+            "the decoder has a {stage} stage but no {input} input was given"
+        ))),
+        (None, Some(_)) => Err(Error::Config(format!(
+            "an {input} input was given but the decoder has no {stage} stage"
+        ))),
     }
 }
