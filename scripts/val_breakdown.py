@@ -9,6 +9,10 @@ First write the per-image scores, then run this on them (repo root; needs numpy,
 
 "lost" is a group's share of the points missing from 100 in the mean Dice (the groups'
 "lost" values add up to 100 minus the mean Dice).
+
+`tgc eval --by-size` prints the lesion-size part itself (shares measured on the masks at
+the model's label size rather than at the files' own size); this script adds the
+grouping by caption.
 """
 import csv
 import os

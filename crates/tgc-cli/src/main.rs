@@ -6,6 +6,7 @@
 //! tgc eval --checkpoint runs/demo/best.safetensors --phantoms ct --csv scores.csv
 //! tgc eval --checkpoint runs/demo/best.safetensors --phantoms ct --tta flip
 //! tgc eval --checkpoint runs/demo/best.safetensors --phantoms ct --threshold 0.3,0.4,0.5
+//! tgc eval --checkpoint runs/demo/best.safetensors --phantoms ct --by-size
 //! tgc predict --checkpoint runs/demo/best.safetensors --image x.png \
 //!     --text "left lung opacity" --out mask.png --overlay overlay.png
 //! tgc --device cuda:0 eval --checkpoint runs/demo/best.safetensors --phantoms ct   # --features cuda
@@ -25,7 +26,8 @@ use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use tgc_data::{
     radiology_rewrite, read_image, swap_left_right, write_volume_u8, Augment, AugmentParams,
-    DataLoader, FeatureCache, HuWindow, Mask, Preprocess, Sample, SegDataset, SegMetrics, Volume,
+    DataLoader, FeatureCache, HuWindow, LesionSizeBreakdown, Mask, Preprocess, Sample, SegDataset,
+    SegMetrics, Volume,
 };
 use tgc_model::{TgcConfig, TgcNet, WeightSource, CONFIG_METADATA_KEY};
 use tgc_train::{evaluate, FeatureStore, ImageScore, Trainer, Tta};
@@ -121,9 +123,15 @@ struct EvalArgs {
     /// Evaluate only the first N images (phantoms: the number generated, default 128).
     #[arg(long)]
     count: Option<usize>,
-    /// Write per-image scores (id, dice, iou) to this CSV file.
+    /// Write per-image scores (id, dice, iou, lesion_share: the mask's foreground share
+    /// of the image) to this CSV file.
     #[arg(long)]
     csv: Option<PathBuf>,
+    /// Also print the metrics grouped by the lesion's share of the image (empty, under
+    /// 2%, 2-5%, 5-10%, 10-20%, over 20%) at the first threshold, with each group's share
+    /// of the missing Dice: small lesions are where most of it usually is.
+    #[arg(long)]
+    by_size: bool,
     /// Frozen CLIP weights (default: clip_weights of run.json next to the checkpoint,
     /// else random).
     #[arg(long)]
@@ -518,7 +526,9 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
         .iter()
         .map(|&t| SegMetrics::with_threshold(t))
         .collect();
+    let mut by_size = LesionSizeBreakdown::new(a.threshold[0]);
     let mut scores = vec![];
+    let mut shares = vec![];
     evaluate(
         &model,
         ds.clone(),
@@ -531,6 +541,8 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
             for m in sweep.iter_mut() {
                 m.update(probs, &batch.masks)?;
             }
+            by_size.update(probs, &batch.masks)?;
+            shares.extend(LesionSizeBreakdown::shares(&batch.masks)?);
             for i in 0..batch.len() {
                 let mut one = SegMetrics::with_threshold(a.threshold[0]);
                 one.update(&probs.narrow(0, i, 1)?, &batch.masks.narrow(0, i, 1)?)?;
@@ -561,15 +573,32 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
         }
         println!("n         {}", sweep[0].summary().n_images);
     }
+    if a.by_size {
+        println!(
+            "by lesion share of the image (threshold {}):",
+            a.threshold[0]
+        );
+        println!("lesion      images Dice   mIoU   lost");
+        for g in by_size.groups() {
+            if g.summary.n_images == 0 {
+                continue;
+            }
+            println!(
+                "{:<11} {:<6} {:.4} {:.4} {:.4}",
+                g.label, g.summary.n_images, g.summary.dice, g.summary.iou, g.dice_lost
+            );
+        }
+    }
     if let Some(path) = &a.csv {
         let mut w = csv::Writer::from_path(path)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        w.write_record(["id", "dice", "iou"])?;
-        for s in &scores {
+        w.write_record(["id", "dice", "iou", "lesion_share"])?;
+        for (s, share) in scores.iter().zip(&shares) {
             w.write_record([
                 s.id.clone(),
                 format!("{:.6}", s.dice),
                 format!("{:.6}", s.iou),
+                format!("{share:.6}"),
             ])?;
         }
         w.flush()

@@ -97,6 +97,7 @@ fn train_eval_predict_on_phantoms() {
                 "ct",
                 "--count",
                 &val_count.to_string(),
+                "--by-size",
                 "--csv",
             ])
             .arg(&csv),
@@ -112,16 +113,63 @@ fn train_eval_predict_on_phantoms() {
     assert_eq!(n, val_count);
     let text = std::fs::read_to_string(&csv).expect("csv");
     let mut lines = text.lines();
-    assert_eq!(lines.next(), Some("id,dice,iou"));
-    let rows: Vec<&str> = lines.collect();
+    assert_eq!(lines.next(), Some("id,dice,iou,lesion_share"));
+    let rows: Vec<Vec<f64>> = lines
+        .map(|r| r.split(',').skip(1).map(|v| v.parse().unwrap()).collect())
+        .collect();
     assert_eq!(rows.len(), val_count);
     // The per-image Dice scores average to the printed Dice (to its 4 decimals).
-    let mean: f64 = rows
-        .iter()
-        .map(|r| r.split(',').nth(1).unwrap().parse::<f64>().unwrap())
-        .sum::<f64>()
-        / val_count as f64;
+    let mean: f64 = rows.iter().map(|r| r[0]).sum::<f64>() / val_count as f64;
     assert!((mean - dice).abs() < 1e-4, "{mean} vs {dice}");
+
+    // --by-size: each printed group holds the CSV rows whose lesion share falls in it,
+    // with their mean Dice, and the groups' losses add up to 1 - Dice.
+    let groups: Vec<(String, Vec<f64>)> = s
+        .lines()
+        .skip_while(|l| !l.starts_with("lesion "))
+        .skip(1)
+        .take_while(|l| !l.starts_with("per-image"))
+        .map(|l| {
+            let (label, rest) = l.split_at(12);
+            let v = rest
+                .split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect();
+            (label.trim().to_string(), v)
+        })
+        .collect();
+    assert!(!groups.is_empty(), "{s}");
+    let bounds = |label: &str| -> (f64, f64) {
+        match label {
+            "empty" => (0.0, 0.0),
+            "under 2%" => (1e-12, 0.02),
+            "2-5%" => (0.02, 0.05),
+            "5-10%" => (0.05, 0.10),
+            "10-20%" => (0.10, 0.20),
+            "over 20%" => (0.20, 1.01),
+            _ => panic!("unknown group {label}: {s}"),
+        }
+    };
+    let mut lost = 0.0;
+    for (label, v) in &groups {
+        let (lo, hi) = bounds(label);
+        let inside: Vec<f64> = rows
+            .iter()
+            .filter(|r| {
+                if label == "empty" {
+                    r[2] == 0.0
+                } else {
+                    r[2] >= lo && r[2] < hi
+                }
+            })
+            .map(|r| r[0])
+            .collect();
+        assert_eq!(inside.len() as f64, v[0], "{label}: {s}");
+        let mean = inside.iter().sum::<f64>() / inside.len() as f64;
+        assert!((mean - v[1]).abs() < 1e-4, "{label}: {mean} vs {}", v[1]);
+        lost += v[3];
+    }
+    assert!((lost - (1.0 - dice)).abs() < 5e-4, "{lost} vs {dice}");
 
     // Thresholds: 0.5 is the default; a sweep scores every threshold on one pass, and at
     // threshold 1 no probability is foreground, so the pooled Dice is 0 (every phantom

@@ -52,7 +52,9 @@ pub use cache::{CacheKey, FeatureCache, Features, CACHE_FORMAT, CACHE_VERSION};
 pub use error::{Error, Result};
 pub use loader::{Batch, BatchIter, DataLoader};
 pub use lvit::{read_image, read_mask, LvitDataset, LvitOptions, Split};
-pub use metrics::{dice_3d, MetricsSummary, SegMetrics};
+pub use metrics::{
+    dice_3d, LesionSizeBreakdown, LesionSizeGroup, MetricsSummary, SegMetrics, LESION_SHARE_EDGES,
+};
 pub use phantom::{PhantomDetail, PhantomKind, SyntheticPhantoms};
 pub use sample::{ImageF32, Mask, Sample, SegDataset, SplitMix64, Subset};
 pub use text::{

@@ -243,3 +243,164 @@ pub fn dice_3d(pred: &[bool], target: &[bool]) -> Option<f64> {
         Some(2.0 * i as f64 / s as f64)
     }
 }
+
+/// The default group edges of [`LesionSizeBreakdown`]: the target's share of the image
+/// under 2%, 2-5%, 5-10%, 10-20% and over 20%.
+pub const LESION_SHARE_EDGES: [f64; 4] = [0.02, 0.05, 0.10, 0.20];
+
+/// Per-image metrics grouped by the size of the target: its foreground share of the
+/// image (pixels with `t > 0.5` over all pixels).
+///
+/// Small lesions are where text-guided segmenters lose most of their Dice (a one-pixel
+/// border error costs a 2% lesion far more than a 20% one), so a single mean hides the
+/// part of the data a model is worst at. Each group is a [`SegMetrics`] with the same
+/// threshold, so the groups' image-weighted mean Dice is the overall Dice.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use tgc_data::LesionSizeBreakdown;
+///
+/// // Two 10x10 images: a 1-pixel lesion found exactly, a 30-pixel lesion missed.
+/// let mut target = vec![0f32; 200];
+/// target[0] = 1.0;
+/// target[100..130].fill(1.0);
+/// let mut pred = vec![0f32; 200];
+/// pred[0] = 1.0;
+/// let dev = Device::Cpu;
+/// let mut by_size = LesionSizeBreakdown::new(0.5);
+/// by_size.update(
+///     &Tensor::from_vec(pred, (2, 1, 10, 10), &dev)?,
+///     &Tensor::from_vec(target, (2, 1, 10, 10), &dev)?,
+/// )?;
+/// let groups = by_size.groups(); // "empty" first
+/// assert_eq!(groups[1].label, "under 2%");
+/// assert_eq!(groups[1].summary.n_images, 1);
+/// assert!(groups[1].summary.dice > 0.99);
+/// assert_eq!(groups[5].label, "over 20%");
+/// assert_eq!(groups[5].summary.dice, 0.0);
+/// // Half the images are lost entirely: half of the Dice is missing, all in that group.
+/// assert!((groups[5].dice_lost - 0.5).abs() < 1e-12);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct LesionSizeBreakdown {
+    edges: Vec<f64>,
+    /// `edges.len() + 2` groups: "empty", then one per interval.
+    groups: Vec<SegMetrics>,
+}
+
+/// One group of a [`LesionSizeBreakdown`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LesionSizeGroup {
+    /// "empty", "under 2%", "2-5%", ..., "over 20%".
+    pub label: String,
+    /// The group's metrics (`n_images` 0 when no image fell in it).
+    pub summary: MetricsSummary,
+    /// The group's share of the Dice missing from 1 over all images:
+    /// `n_group / n_all * (1 - dice_group)`. The groups' values add up to `1 - dice`.
+    pub dice_lost: f64,
+}
+
+impl LesionSizeBreakdown {
+    /// With the default edges ([`LESION_SHARE_EDGES`]).
+    pub fn new(threshold: f32) -> Self {
+        Self::with_edges(threshold, &LESION_SHARE_EDGES).expect("the default edges are valid")
+    }
+
+    /// With explicit group edges: strictly increasing shares in (0, 1). An image whose
+    /// share equals an edge goes to the group above it.
+    pub fn with_edges(threshold: f32, edges: &[f64]) -> Result<Self> {
+        let increasing = edges.windows(2).all(|w| w[0] < w[1]);
+        if edges.is_empty() || !increasing || edges[0] <= 0.0 || edges[edges.len() - 1] >= 1.0 {
+            return Err(Error::Msg(format!(
+                "LesionSizeBreakdown: edges {edges:?} must be strictly increasing shares in (0, 1)"
+            )));
+        }
+        Ok(Self {
+            edges: edges.to_vec(),
+            groups: vec![SegMetrics::with_threshold(threshold); edges.len() + 2],
+        })
+    }
+
+    /// The target's foreground share of each image of `target` (B x ...), as used for
+    /// grouping.
+    pub fn shares(target: &Tensor) -> Result<Vec<f64>> {
+        let b = *target.dims().first().unwrap_or(&0);
+        if b == 0 {
+            return Err(Error::Msg("LesionSizeBreakdown: an empty batch".into()));
+        }
+        let t = target
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let per = t.len() / b;
+        Ok(t.chunks(per)
+            .map(|c| c.iter().filter(|&&v| v > 0.5).count() as f64 / per as f64)
+            .collect())
+    }
+
+    /// Adds a batch, shapes as in [`SegMetrics::update`].
+    pub fn update(&mut self, pred_probs: &Tensor, target: &Tensor) -> Result<()> {
+        if pred_probs.dims() != target.dims() || pred_probs.rank() == 0 {
+            return Err(Error::Msg(format!(
+                "LesionSizeBreakdown::update: prediction shape {:?} != target shape {:?}",
+                pred_probs.dims(),
+                target.dims()
+            )));
+        }
+        let shares = Self::shares(target)?;
+        let p = pred_probs
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let t = target
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let per = p.len() / shares.len();
+        for (i, share) in shares.iter().enumerate() {
+            let g = self.group_of(*share);
+            let r = i * per..(i + 1) * per;
+            self.groups[g].update_slices(&p[r.clone()], &t[r], 1)?;
+        }
+        Ok(())
+    }
+
+    fn group_of(&self, share: f64) -> usize {
+        if share == 0.0 {
+            0
+        } else {
+            1 + self.edges.iter().take_while(|&&e| share >= e).count()
+        }
+    }
+
+    /// Every group, empty ones included, from "empty" to the largest lesions.
+    pub fn groups(&self) -> Vec<LesionSizeGroup> {
+        let pct = |e: f64| format!("{}", (e * 1000.0).round() / 10.0);
+        let n_all: usize = self.groups.iter().map(|g| g.summary().n_images).sum();
+        let last = self.edges.len();
+        self.groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let label = match i {
+                    0 => "empty".to_string(),
+                    1 => format!("under {}%", pct(self.edges[0])),
+                    i if i == last + 1 => format!("over {}%", pct(self.edges[last - 1])),
+                    i => format!("{}-{}%", pct(self.edges[i - 2]), pct(self.edges[i - 1])),
+                };
+                let summary = g.summary();
+                let dice_lost = if n_all == 0 {
+                    0.0
+                } else {
+                    summary.n_images as f64 / n_all as f64 * (1.0 - summary.dice)
+                };
+                LesionSizeGroup {
+                    label,
+                    summary,
+                    dice_lost,
+                }
+            })
+            .collect()
+    }
+}

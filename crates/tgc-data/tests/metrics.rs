@@ -88,3 +88,78 @@ fn volume_dice_by_hand() {
     let mean = ((4.0 / 7.0 + 1.0) / 2.0 + 2.0 / 3.0 + 0.0) / 3.0;
     assert!((s.mean_organ_dice.unwrap() - mean).abs() < 1e-12);
 }
+
+/// Six 10x10 images (shares 0, 1%, 2%, 4%, 15%, 20%) grouped by hand.
+#[test]
+fn lesion_size_breakdown_by_hand() {
+    let (h, w) = (10, 10);
+    let mut g = vec![0f32; 6 * 100];
+    let mut p = vec![0f32; 6 * 100];
+    // img0: both empty -> "empty", Dice 0 by the formula.
+    // img1: 1 px (1%), found exactly.
+    g[100] = 1.0;
+    p[100] = 0.9;
+    // img2: 2 px (2%, on the edge -> "2-5%"), one of them found: 2*1/(1+2).
+    g[200..202].fill(1.0);
+    p[200] = 0.8;
+    // img3: 4 px (4%), 4 predicted of which 2 overlap: 2*2/(4+4).
+    g[300..304].fill(1.0);
+    p[302..306].fill(0.7);
+    // img4: 15 px (15%), found exactly.
+    g[400..415].fill(1.0);
+    p[400..415].fill(0.6);
+    // img5: 20 px (20%, on the edge -> "over 20%"), missed.
+    g[500..520].fill(1.0);
+    let (pt, gt) = (t(&p, 6, h, w), t(&g, 6, h, w));
+    let mut by_size = LesionSizeBreakdown::new(0.5);
+    // Two updates, as batches arrive.
+    by_size
+        .update(&pt.narrow(0, 0, 4).unwrap(), &gt.narrow(0, 0, 4).unwrap())
+        .unwrap();
+    by_size
+        .update(&pt.narrow(0, 4, 2).unwrap(), &gt.narrow(0, 4, 2).unwrap())
+        .unwrap();
+    assert_eq!(
+        LesionSizeBreakdown::shares(&gt).unwrap(),
+        vec![0.0, 0.01, 0.02, 0.04, 0.15, 0.20]
+    );
+    let groups = by_size.groups();
+    let labels: Vec<&str> = groups.iter().map(|g| g.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        ["empty", "under 2%", "2-5%", "5-10%", "10-20%", "over 20%"]
+    );
+    let n: Vec<usize> = groups.iter().map(|g| g.summary.n_images).collect();
+    assert_eq!(n, [1, 1, 2, 0, 1, 1]);
+    let d1 = 2.0 / (2.0 + 1e-5);
+    let d2 = 2.0 / (3.0 + 1e-5);
+    let d3 = 4.0 / (8.0 + 1e-5);
+    let d4 = 30.0 / (30.0 + 1e-5);
+    let dice: Vec<f64> = groups.iter().map(|g| g.summary.dice).collect();
+    let want = [0.0, d1, (d2 + d3) / 2.0, 0.0, d4, 0.0];
+    for (got, want) in dice.iter().zip(want) {
+        assert!((got - want).abs() < 1e-12, "{dice:?} vs {want}");
+    }
+    // The groups' losses add up to what the overall mean misses.
+    let mut all = SegMetrics::new();
+    all.update(&pt, &gt).unwrap();
+    let overall = all.summary().dice;
+    assert!((overall - (d1 + d2 + d3 + d4) / 6.0).abs() < 1e-12);
+    let lost: f64 = groups.iter().map(|g| g.dice_lost).sum();
+    assert!((lost - (1.0 - overall)).abs() < 1e-12);
+    assert!((groups[2].dice_lost - 2.0 / 6.0 * (1.0 - (d2 + d3) / 2.0)).abs() < 1e-12);
+
+    // Custom edges, and the errors.
+    let two = LesionSizeBreakdown::with_edges(0.5, &[0.1]).unwrap();
+    let labels: Vec<String> = two.groups().into_iter().map(|g| g.label).collect();
+    assert_eq!(labels, ["empty", "under 10%", "over 10%"]);
+    for bad in [&[][..], &[0.0], &[0.05, 0.05], &[0.2, 0.1], &[0.5, 1.0]] {
+        assert!(
+            LesionSizeBreakdown::with_edges(0.5, bad).is_err(),
+            "{bad:?}"
+        );
+    }
+    assert!(by_size
+        .update(&t(&[0.0; 4], 1, 2, 2), &t(&[0.0; 8], 2, 2, 2))
+        .is_err());
+}
