@@ -112,22 +112,7 @@ impl SegMetrics {
     /// B x 1 x H x W or B x K x H x W); every index of the first dimension is one image
     /// (use B*K x H x W to score prompts separately).
     pub fn update(&mut self, pred_probs: &Tensor, target: &Tensor) -> Result<()> {
-        if pred_probs.dims() != target.dims() || pred_probs.rank() == 0 {
-            return Err(Error::Msg(format!(
-                "SegMetrics::update: prediction shape {:?} != target shape {:?}",
-                pred_probs.dims(),
-                target.dims()
-            )));
-        }
-        let b = pred_probs.dims()[0];
-        let p = pred_probs
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let t = target
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let (p, t, b) = flat_batch("SegMetrics::update", pred_probs, target)?;
         self.update_slices(&p, &t, b)
     }
 
@@ -230,6 +215,24 @@ impl SegMetrics {
     }
 }
 
+/// The share of a target image's pixels that are foreground (`t > 0.5`).
+fn foreground_share(t: &[f32]) -> f64 {
+    t.iter().filter(|&&v| v > 0.5).count() as f64 / t.len() as f64
+}
+
+/// A batch of predictions and targets of one shape `B x ...` as flat f32 vectors and `B`.
+fn flat_batch(who: &str, pred: &Tensor, target: &Tensor) -> Result<(Vec<f32>, Vec<f32>, usize)> {
+    if pred.dims() != target.dims() || pred.rank() == 0 || pred.dims()[0] == 0 {
+        return Err(Error::Msg(format!(
+            "{who}: prediction shape {:?} != target shape {:?}, or an empty batch",
+            pred.dims(),
+            target.dims()
+        )));
+    }
+    let flat = |x: &Tensor| x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+    Ok((flat(pred)?, flat(target)?, pred.dims()[0]))
+}
+
 /// 3D Dice 2|P∩G|/(|P|+|G|); None when both are empty.
 pub fn dice_3d(pred: &[bool], target: &[bool]) -> Option<f64> {
     let (mut i, mut s) = (0u64, 0u64);
@@ -325,43 +328,17 @@ impl LesionSizeBreakdown {
     /// The target's foreground share of each image of `target` (B x ...), as used for
     /// grouping.
     pub fn shares(target: &Tensor) -> Result<Vec<f64>> {
-        let b = *target.dims().first().unwrap_or(&0);
-        if b == 0 {
-            return Err(Error::Msg("LesionSizeBreakdown: an empty batch".into()));
-        }
-        let t = target
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let per = t.len() / b;
-        Ok(t.chunks(per)
-            .map(|c| c.iter().filter(|&&v| v > 0.5).count() as f64 / per as f64)
-            .collect())
+        let (_, t, b) = flat_batch("LesionSizeBreakdown::shares", target, target)?;
+        Ok(t.chunks(t.len() / b).map(foreground_share).collect())
     }
 
     /// Adds a batch, shapes as in [`SegMetrics::update`].
     pub fn update(&mut self, pred_probs: &Tensor, target: &Tensor) -> Result<()> {
-        if pred_probs.dims() != target.dims() || pred_probs.rank() == 0 {
-            return Err(Error::Msg(format!(
-                "LesionSizeBreakdown::update: prediction shape {:?} != target shape {:?}",
-                pred_probs.dims(),
-                target.dims()
-            )));
-        }
-        let shares = Self::shares(target)?;
-        let p = pred_probs
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let t = target
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let per = p.len() / shares.len();
-        for (i, share) in shares.iter().enumerate() {
-            let g = self.group_of(*share);
-            let r = i * per..(i + 1) * per;
-            self.groups[g].update_slices(&p[r.clone()], &t[r], 1)?;
+        let (p, t, b) = flat_batch("LesionSizeBreakdown::update", pred_probs, target)?;
+        let per = p.len() / b;
+        for (p, t) in p.chunks(per).zip(t.chunks(per)) {
+            let g = self.group_of(foreground_share(t));
+            self.groups[g].update_slices(p, t, 1)?;
         }
         Ok(())
     }
