@@ -7,6 +7,7 @@
 //! tgc eval --checkpoint runs/demo/best.safetensors --phantoms ct --tta flip
 //! tgc eval --checkpoint runs/demo/best.safetensors --phantoms ct --threshold 0.3,0.4,0.5
 //! tgc eval --checkpoint runs/demo/best.safetensors --phantoms ct --by-size
+//! tgc eval --checkpoint runs/demo/best.safetensors --volumes Task09_Spleen --organs spleen
 //! tgc predict --checkpoint runs/demo/best.safetensors --image x.png \
 //!     --text "left lung opacity" --out mask.png --overlay overlay.png
 //! tgc --device cuda:0 eval --checkpoint runs/demo/best.safetensors --phantoms ct   # --features cuda
@@ -26,8 +27,8 @@ use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use tgc_data::{
     radiology_rewrite, read_image, swap_left_right, write_volume_u8, Augment, AugmentParams,
-    DataLoader, FeatureCache, HuWindow, LesionSizeBreakdown, Mask, Preprocess, Sample, SegDataset,
-    SegMetrics, Volume,
+    DataLoader, FeatureCache, HuWindow, LesionSizeBreakdown, Mask, NiftiLayout, NiftiOptions,
+    NiftiVolumeDataset, Preprocess, Sample, SegDataset, SegMetrics, Volume, VolumeAssembler,
 };
 use tgc_model::{TgcConfig, TgcNet, WeightSource, CONFIG_METADATA_KEY};
 use tgc_train::{evaluate, FeatureStore, ImageScore, Trainer, Tta};
@@ -110,21 +111,45 @@ struct EvalArgs {
     /// LViT dataset folder to evaluate on.
     #[arg(
         long,
-        conflicts_with = "phantoms",
-        required_unless_present = "phantoms"
+        conflicts_with_all = ["phantoms", "volumes"],
+        required_unless_present_any = ["phantoms", "volumes"]
     )]
     data: Option<PathBuf>,
+    /// A folder of labelled CT volumes (NIfTI) to evaluate on instead, in the --layout
+    /// given: every axial slice is segmented once per organ (the organ name is the
+    /// prompt), the slices are stacked back into a label map (per voxel the organ of
+    /// highest probability above 0.5) and scored with the 3D Dice per volume and organ.
+    #[arg(long, conflicts_with = "phantoms")]
+    volumes: Option<PathBuf>,
+    /// Layout of --volumes: msd (imagesTr/, labelsTr/, dataset.json), word (images<S>/,
+    /// labels<S>/ with S = Tr, Val or Ts from --split) or abdomenct1k (Image/, Mask/).
+    /// Default: msd.
+    #[arg(long, requires = "volumes")]
+    layout: Option<String>,
+    /// Organs of --volumes to prompt and score, comma-separated names from the label table
+    /// (default: every labelled organ).
+    #[arg(long, value_delimiter = ',', requires = "volumes")]
+    organs: Vec<String>,
+    /// HU window level for --volumes (abdomen: 40).
+    #[arg(long, default_value_t = 40.0)]
+    window_level: f32,
+    /// HU window width for --volumes (abdomen: 400).
+    #[arg(long, default_value_t = 400.0)]
+    window_width: f32,
     /// Evaluate on synthetic validation phantoms (seed 2) instead: ct or cxr.
     #[arg(long)]
     phantoms: Option<String>,
-    /// Split of the LViT folder: train, val or test.
+    /// Split of the LViT folder: train, val or test (for --volumes, WORD's Tr, Val or Ts;
+    /// MSD folders hold only Tr and AbdomenCT-1k has no splits, so it is ignored there).
     #[arg(long, default_value = "val")]
     split: String,
-    /// Evaluate only the first N images (phantoms: the number generated, default 128).
+    /// Evaluate only the first N images (phantoms: the number generated, default 128;
+    /// --volumes: the first N volumes).
     #[arg(long)]
     count: Option<usize>,
     /// Write per-image scores (id, dice, iou, lesion_share: the mask's foreground share
-    /// of the image) to this CSV file.
+    /// of the image) to this CSV file; with --volumes, per volume and organ (volume,
+    /// organ, dice, predicted_voxels, true_voxels).
     #[arg(long)]
     csv: Option<PathBuf>,
     /// Also print the metrics grouped by the lesion's share of the image (empty, under
@@ -497,8 +522,15 @@ fn load_trained(checkpoint: &Path, clip_flag: Option<&str>, dev: &Device) -> Res
 }
 
 fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
+    // clap's `requires` gives way to the conflict with --data / --phantoms.
+    if a.volumes.is_none() && (a.layout.is_some() || !a.organs.is_empty()) {
+        bail!("--layout and --organs apply to --volumes only");
+    }
     let model = load_trained(&a.checkpoint, a.clip_weights.as_deref(), dev)?;
     let cfg = model.config().clone();
+    if let Some(root) = &a.volumes {
+        return eval_volumes(&a, root, &model);
+    }
     let ds: Arc<dyn SegDataset> = match (&a.data, &a.phantoms) {
         (Some(root), _) => run::head(run::lvit(root, run::split(&a.split)?)?, a.count),
         (None, Some(kind)) => run::phantoms(
@@ -507,7 +539,7 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
             a.count.unwrap_or(run::PHANTOM_VAL),
             cfg.label_size,
         ),
-        (None, None) => bail!("pass --data DIR or --phantoms ct|cxr"),
+        (None, None) => bail!("pass --data DIR, --phantoms ct|cxr or --volumes DIR"),
     };
     if ds.is_empty() {
         bail!("the dataset {} has no images", ds.name());
@@ -604,6 +636,133 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
         w.flush()
             .with_context(|| format!("cannot write {}", path.display()))?;
         println!("per-image scores: {}", path.display());
+    }
+    Ok(())
+}
+
+/// `tgc eval --volumes`: 3D Dice per volume and organ of the reassembled label maps.
+fn eval_volumes(a: &EvalArgs, root: &Path, model: &TgcNet) -> Result<()> {
+    let layout = match a.layout.as_deref().unwrap_or("msd") {
+        "msd" => NiftiLayout::Msd,
+        "word" => NiftiLayout::Word,
+        "abdomenct1k" => NiftiLayout::AbdomenCt1k,
+        other => bail!("--layout {other}: expected msd, word or abdomenct1k"),
+    };
+    let suffix = match (&layout, a.split.as_str()) {
+        (NiftiLayout::Word, "train") => "Tr",
+        (NiftiLayout::Word, "val") => "Val",
+        (NiftiLayout::Word, "test") => "Ts",
+        (NiftiLayout::Word, other) => bail!("--split {other}: expected train, val or test"),
+        _ => "Tr",
+    };
+    if a.organs.iter().any(|o| o.trim().is_empty()) {
+        bail!("--organs: an empty organ name");
+    }
+    let opts = NiftiOptions {
+        window: HuWindow {
+            level: a.window_level,
+            width: a.window_width,
+        },
+        organs: (!a.organs.is_empty()).then(|| a.organs.iter().map(|o| o.trim().into()).collect()),
+        suffix: suffix.into(),
+        only_slices_with_organ: false,
+        cached_volumes: 1,
+    };
+    let ds = NiftiVolumeDataset::open(root, layout, opts)
+        .with_context(|| format!("cannot open the volumes in {}", root.display()))?;
+    let n_volumes = a.count.unwrap_or(usize::MAX).min(ds.num_volumes());
+    if n_volumes == 0 {
+        bail!("{} holds no labelled volumes", root.display());
+    }
+    let organs: Vec<(u8, String)> = ds.organs().to_vec();
+    let prompts: Vec<&str> = organs.iter().map(|(_, n)| n.as_str()).collect();
+    let pre = preprocess_of(model.config());
+    let s = pre.label_size;
+    let slices: usize = (0..n_volumes)
+        .map(|v| {
+            ds.volume_meta(v)
+                .map_or(0, |(_, d, o)| o.display_dims(d)[2])
+        })
+        .sum();
+    let bar = if a.progress {
+        indicatif::ProgressBar::new(slices as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    // Samples run volume by volume, slice by slice, organ by organ: the first organ's
+    // sample of a slice carries its image, and all organs are prompted on it at once.
+    let mut volumes: Vec<VolumeAssembler> = vec![];
+    for i in 0..ds.len() {
+        let (v, k, o) = ds.locate(i).context("sample index out of range")?;
+        if v >= n_volumes {
+            break;
+        }
+        if o != 0 {
+            continue;
+        }
+        if v == volumes.len() {
+            volumes.push(VolumeAssembler::new(&ds, v)?);
+        }
+        let sample = ds.get(i)?;
+        let probs = predict_sample(model, &pre, &sample, &prompts, &prompts, a.tta)?;
+        for o in 0..organs.len() {
+            volumes[v].add_slice(k, o, &probs[o * s * s..(o + 1) * s * s], s, s)?;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    println!(
+        "dataset   {} ({n_volumes} volumes, {} organs)",
+        root.display(),
+        organs.len()
+    );
+    println!("volume organ 3D-Dice predicted-voxels true-voxels");
+    let mut metrics = SegMetrics::new();
+    let mut rows = vec![];
+    for (v, asm) in volumes.iter().enumerate() {
+        let pred = asm.label_map();
+        let truth = ds.label_volume(v)?;
+        let scores = asm.score(&ds, v, &mut metrics)?;
+        let name = ds
+            .volume_paths(v)
+            .and_then(|(img, _)| img.file_name())
+            .map_or_else(
+                || format!("volume{v}"),
+                |f| f.to_string_lossy().into_owned(),
+            );
+        for (id, organ) in &organs {
+            let np = pred.iter().filter(|&&x| x == *id).count();
+            let nt = truth.iter().filter(|&&x| x == *id).count();
+            // Absent from both: not scored (and not in the means).
+            let dice = scores.get(organ).copied().flatten();
+            let shown = dice.map_or("absent".to_string(), |d| format!("{d:.4}"));
+            println!("{name} {organ} {shown} {np} {nt}");
+            rows.push([
+                name.clone(),
+                organ.clone(),
+                shown,
+                np.to_string(),
+                nt.to_string(),
+            ]);
+        }
+    }
+    let m = metrics.summary();
+    for (organ, d) in &m.organ_dice {
+        println!("mean 3D Dice {organ}: {d:.4}");
+    }
+    if let Some(d) = m.mean_organ_dice {
+        println!("mean 3D Dice: {d:.4}");
+    }
+    if let Some(path) = &a.csv {
+        let mut w = csv::Writer::from_path(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        w.write_record(["volume", "organ", "dice", "predicted_voxels", "true_voxels"])?;
+        for r in &rows {
+            w.write_record(r)?;
+        }
+        w.flush()
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("per-volume scores: {}", path.display());
     }
     Ok(())
 }

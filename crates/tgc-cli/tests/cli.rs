@@ -284,6 +284,72 @@ fn train_eval_predict_on_phantoms() {
         assert_eq!(out.dims, input.dims);
         assert_eq!(out.orientation, input.orientation);
         assert!(out.data.iter().all(|&v| v == 0.0 || v == 1.0 || v == 2.0));
+
+        // eval --volumes on the same volume as an MSD folder: its 3D Dice and voxel
+        // counts equal those of predict's label map against the label file, computed here.
+        let msd = dir.path().join("msd");
+        for sub in ["imagesTr", "labelsTr"] {
+            std::fs::create_dir_all(msd.join(sub)).expect("mkdir");
+        }
+        std::fs::copy(&ct, msd.join("imagesTr/ct.nii.gz")).expect("copy ct");
+        let labels = ct.with_file_name("example_seg.nii.gz");
+        std::fs::copy(&labels, msd.join("labelsTr/ct.nii.gz")).expect("copy labels");
+        std::fs::write(
+            msd.join("dataset.json"),
+            r#"{"labels": {"0": "background", "1": "spleen", "5": "liver"}}"#,
+        )
+        .expect("dataset.json");
+        let csv = dir.path().join("volumes.csv");
+        let s = stdout_of(
+            tgc()
+                .args(["eval", "--checkpoint"])
+                .arg(&ck)
+                .arg("--volumes")
+                .arg(&msd)
+                .arg("--csv")
+                .arg(&csv),
+        );
+        let truth = tgc_data::Volume::read(&labels).expect("labels");
+        let text = std::fs::read_to_string(&csv).expect("csv");
+        let mut lines = text.lines();
+        assert_eq!(
+            lines.next(),
+            Some("volume,organ,dice,predicted_voxels,true_voxels")
+        );
+        let mut organs = 0;
+        for (row, (pred_id, true_id)) in lines.zip([(1.0, 1.0), (2.0, 5.0)]) {
+            let f: Vec<&str> = row.split(',').collect();
+            assert_eq!(f[0], "ct.nii.gz", "{row}");
+            assert_eq!(f[1], ["spleen", "liver"][organs], "{row}");
+            let p: Vec<bool> = out.data.iter().map(|&v| v == pred_id).collect();
+            let g: Vec<bool> = truth.data.iter().map(|&v| v == true_id).collect();
+            let np = p.iter().filter(|&&x| x).count();
+            let ng = g.iter().filter(|&&x| x).count();
+            let both = p.iter().zip(&g).filter(|(a, b)| **a && **b).count();
+            assert_eq!(f[3], np.to_string(), "{row}");
+            assert_eq!(f[4], ng.to_string(), "{row}");
+            let dice = 2.0 * both as f64 / (np + ng) as f64;
+            assert_eq!(f[2], format!("{dice:.4}"), "{row}");
+            organs += 1;
+        }
+        assert_eq!(organs, 2);
+        assert!(s.contains("mean 3D Dice: "), "{s}");
+        let err = one_line_error(
+            tgc()
+                .args(["eval", "--checkpoint"])
+                .arg(&ck)
+                .arg("--volumes")
+                .arg(&msd)
+                .args(["--organs", "kidney"]),
+        );
+        assert!(err.contains("kidney"), "{err}");
+        let err = one_line_error(tgc().args(["eval", "--checkpoint"]).arg(&ck).args([
+            "--phantoms",
+            "ct",
+            "--organs",
+            "liver",
+        ]));
+        assert!(err.contains("--volumes"), "{err}");
     }
 
     // A file that is not a checkpoint: one error line naming it.
