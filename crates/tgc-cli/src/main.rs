@@ -7,7 +7,8 @@
 //! tgc eval --checkpoint runs/demo/best.safetensors --phantoms ct --tta flip
 //! tgc eval --checkpoint runs/demo/best.safetensors --phantoms ct --threshold 0.3,0.4,0.5
 //! tgc eval --checkpoint runs/demo/best.safetensors --phantoms ct --by-size
-//! tgc eval --checkpoint runs/demo/best.safetensors --volumes Task09_Spleen --organs spleen
+//! tgc train --preset cpu --volumes Task09_Spleen --out runs/spleen   # CT, split by volume
+//! tgc eval --checkpoint runs/spleen/best.safetensors --volumes Task09_Spleen --last-volumes 8
 //! tgc predict --checkpoint runs/demo/best.safetensors --image x.png \
 //!     --text "left lung opacity" --out mask.png --overlay overlay.png
 //! tgc --device cuda:0 eval --checkpoint runs/demo/best.safetensors --phantoms ct   # --features cuda
@@ -27,8 +28,8 @@ use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use tgc_data::{
     radiology_rewrite, read_image, swap_left_right, write_volume_u8, Augment, AugmentParams,
-    DataLoader, FeatureCache, HuWindow, LesionSizeBreakdown, Mask, NiftiLayout, NiftiOptions,
-    NiftiVolumeDataset, Preprocess, Sample, SegDataset, SegMetrics, Volume, VolumeAssembler,
+    DataLoader, FeatureCache, HuWindow, LesionSizeBreakdown, Mask, Preprocess, Sample, SegDataset,
+    SegMetrics, Volume, VolumeAssembler,
 };
 use tgc_model::{TgcConfig, TgcNet, WeightSource, CONFIG_METADATA_KEY};
 use tgc_train::{evaluate, FeatureStore, ImageScore, Trainer, Tta};
@@ -72,7 +73,8 @@ enum Cmd {
 
 #[derive(clap::Args, Debug)]
 struct TrainArgs {
-    /// Run file (TOML). Every field is optional: preset, data, phantoms, out,
+    /// Run file (TOML). Every field is optional: preset, data, phantoms, a volumes table
+    /// (root, layout, organs, val_volumes, window_level, window_width), out,
     /// clip_weights, train_count, val_count, a model table (TgcConfig overrides merged into
     /// the preset) and a train table (TrainConfig overrides). Relative paths in it are
     /// relative to the working directory. Flags below win over the file.
@@ -82,11 +84,17 @@ struct TrainArgs {
     #[arg(long)]
     preset: Option<String>,
     /// LViT dataset folder (Train_Folder, Val_Folder with img/, labelcol/ and a text table).
-    #[arg(long, conflicts_with = "phantoms")]
+    #[arg(long, conflicts_with_all = ["phantoms", "volumes"])]
     data: Option<PathBuf>,
     /// Train on synthetic phantoms instead: ct or cxr (640 train seed 1, 128 val seed 2).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "volumes")]
     phantoms: Option<String>,
+    /// Train on a folder of labelled CT volumes instead (the root of the file's [volumes]
+    /// table: layout msd unless it says word or abdomenct1k, every organ unless it names
+    /// some, the last fifth of the volumes validating unless val_volumes says how many;
+    /// the paper's CT learning rate 2e-4).
+    #[arg(long)]
+    volumes: Option<PathBuf>,
     /// Output folder: best.safetensors, last.safetensors, metrics.jsonl, curves.png,
     /// overlays/ and run.json (default: the file's, else runs/tgc). When max_steps ends
     /// training inside the first epoch, the last weights are validated and written to
@@ -136,6 +144,10 @@ struct EvalArgs {
     /// HU window width for --volumes (abdomen: 400).
     #[arg(long, default_value_t = 400.0)]
     window_width: f32,
+    /// Score only the last N volumes of --volumes: the validation volumes of a
+    /// `tgc train --volumes` run (its run.json records val_volumes).
+    #[arg(long, requires = "volumes")]
+    last_volumes: Option<usize>,
     /// Evaluate on synthetic validation phantoms (seed 2) instead: ct or cxr.
     #[arg(long)]
     phantoms: Option<String>,
@@ -144,7 +156,7 @@ struct EvalArgs {
     #[arg(long, default_value = "val")]
     split: String,
     /// Evaluate only the first N images (phantoms: the number generated, default 128;
-    /// --volumes: the first N volumes).
+    /// --volumes: the first N volumes, after --last-volumes).
     #[arg(long)]
     count: Option<usize>,
     /// Write per-image scores (id, dice, iou, lesion_share: the mask's foreground share
@@ -346,6 +358,10 @@ struct RunRecord {
     clip_weights: String,
     data: Option<PathBuf>,
     phantoms: Option<String>,
+    /// With `val_volumes` resolved: `tgc eval --volumes ROOT --last-volumes N` scores the
+    /// validation volumes.
+    #[serde(default)]
+    volumes: Option<run::VolumesSpec>,
     model: TgcConfig,
     train: tgc_train::TrainConfig,
 }
@@ -361,12 +377,22 @@ fn train(a: TrainArgs, dev: &Device) -> Result<()> {
         .or(file.preset.clone())
         .unwrap_or_else(|| "cpu".into());
     let cfg = run::model_config(&preset, file.model.as_ref())?;
-    // Flags win over the file; --data and --phantoms each replace both file fields.
-    let (data, phantoms) = if a.data.is_some() || a.phantoms.is_some() {
-        (a.data.clone(), a.phantoms.clone())
-    } else {
-        (file.data.clone(), file.phantoms.clone())
-    };
+    // Flags win over the file; --data, --phantoms and --volumes each replace all three
+    // file fields (--volumes keeps the rest of the file's [volumes] table).
+    let (data, phantoms, mut volumes) =
+        if a.data.is_some() || a.phantoms.is_some() || a.volumes.is_some() {
+            let volumes = a.volumes.clone().map(|root| run::VolumesSpec {
+                root: Some(root),
+                ..file.volumes.clone().unwrap_or_default()
+            });
+            (a.data.clone(), a.phantoms.clone(), volumes)
+        } else {
+            (
+                file.data.clone(),
+                file.phantoms.clone(),
+                file.volumes.clone(),
+            )
+        };
     let out = a
         .out
         .clone()
@@ -377,9 +403,22 @@ fn train(a: TrainArgs, dev: &Device) -> Result<()> {
         .clone()
         .or(file.clip_weights.clone())
         .unwrap_or_else(|| "random".into());
-    let base = run::default_train(data.as_deref());
+    let base = match &volumes {
+        Some(_) => run::default_train_volumes(),
+        None => run::default_train(data.as_deref()),
+    };
     let tc: tgc_train::TrainConfig = run::apply_overrides(&base, file.train.as_ref(), "train")?;
+    let sources = [data.is_some(), phantoms.is_some(), volumes.is_some()];
+    if sources.iter().filter(|&&s| s).count() > 1 {
+        bail!("more than one of data, phantoms and volumes is set; choose one");
+    }
     let (train_ds, val_ds) = match (&data, &phantoms) {
+        _ if volumes.is_some() => {
+            let spec = volumes.as_mut().context("volumes")?;
+            let (train, val, n_val) = run::volume_split(spec)?;
+            spec.val_volumes = Some(n_val);
+            (train, val)
+        }
         (Some(root), None) => (
             run::lvit(root, tgc_data::Split::Train)?,
             run::head(run::lvit(root, tgc_data::Split::Val)?, file.val_count),
@@ -403,7 +442,7 @@ fn train(a: TrainArgs, dev: &Device) -> Result<()> {
         }
         (Some(_), Some(_)) => bail!("both data and phantoms are set; choose one"),
         (None, None) => {
-            bail!("no data: pass --data DIR or --phantoms ct|cxr (or set data / phantoms in run.toml)")
+            bail!("no data: pass --data DIR, --phantoms ct|cxr or --volumes DIR (or set data, phantoms or [volumes] in run.toml)")
         }
     };
     if train_ds.is_empty() || val_ds.is_empty() {
@@ -419,6 +458,7 @@ fn train(a: TrainArgs, dev: &Device) -> Result<()> {
         clip_weights: clip_spec.clone(),
         data: data.clone(),
         phantoms: phantoms.clone(),
+        volumes: volumes.clone(),
         model: cfg.clone(),
         train: tc.clone(),
     };
@@ -642,43 +682,48 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
 
 /// `tgc eval --volumes`: 3D Dice per volume and organ of the reassembled label maps.
 fn eval_volumes(a: &EvalArgs, root: &Path, model: &TgcNet) -> Result<()> {
-    let layout = match a.layout.as_deref().unwrap_or("msd") {
-        "msd" => NiftiLayout::Msd,
-        "word" => NiftiLayout::Word,
-        "abdomenct1k" => NiftiLayout::AbdomenCt1k,
-        other => bail!("--layout {other}: expected msd, word or abdomenct1k"),
-    };
-    let suffix = match (&layout, a.split.as_str()) {
-        (NiftiLayout::Word, "train") => "Tr",
-        (NiftiLayout::Word, "val") => "Val",
-        (NiftiLayout::Word, "test") => "Ts",
-        (NiftiLayout::Word, other) => bail!("--split {other}: expected train, val or test"),
+    let layout = a.layout.clone().unwrap_or_else(|| "msd".into());
+    let suffix = match (layout.as_str(), a.split.as_str()) {
+        ("word", "train") => "Tr",
+        ("word", "val") => "Val",
+        ("word", "test") => "Ts",
+        ("word", other) => bail!("--split {other}: expected train, val or test"),
         _ => "Tr",
     };
     if a.organs.iter().any(|o| o.trim().is_empty()) {
         bail!("--organs: an empty organ name");
     }
-    let opts = NiftiOptions {
-        window: HuWindow {
-            level: a.window_level,
-            width: a.window_width,
-        },
+    let spec = run::VolumesSpec {
+        root: Some(root.to_path_buf()),
+        layout,
         organs: (!a.organs.is_empty()).then(|| a.organs.iter().map(|o| o.trim().into()).collect()),
-        suffix: suffix.into(),
-        only_slices_with_organ: false,
-        cached_volumes: 1,
+        val_volumes: None,
+        window_level: a.window_level,
+        window_width: a.window_width,
     };
-    let ds = NiftiVolumeDataset::open(root, layout, opts)
-        .with_context(|| format!("cannot open the volumes in {}", root.display()))?;
-    let n_volumes = a.count.unwrap_or(usize::MAX).min(ds.num_volumes());
-    if n_volumes == 0 {
+    let ds = run::open_volumes(&spec, suffix)?;
+    let first = match a.last_volumes {
+        Some(0) => bail!("--last-volumes must be positive"),
+        Some(n) if n > ds.num_volumes() => bail!(
+            "--last-volumes {n}: {} holds {} volumes",
+            root.display(),
+            ds.num_volumes()
+        ),
+        Some(n) => ds.num_volumes() - n,
+        None => 0,
+    };
+    let end = a
+        .count
+        .map_or(ds.num_volumes(), |c| (first + c).min(ds.num_volumes()));
+    if end == first {
         bail!("{} holds no labelled volumes", root.display());
     }
+    let n_volumes = end - first;
     let organs: Vec<(u8, String)> = ds.organs().to_vec();
     let prompts: Vec<&str> = organs.iter().map(|(_, n)| n.as_str()).collect();
     let pre = preprocess_of(model.config());
     let s = pre.label_size;
-    let slices: usize = (0..n_volumes)
+    let slices: usize = (first..end)
         .map(|v| {
             ds.volume_meta(v)
                 .map_or(0, |(_, d, o)| o.display_dims(d)[2])
@@ -694,19 +739,19 @@ fn eval_volumes(a: &EvalArgs, root: &Path, model: &TgcNet) -> Result<()> {
     let mut volumes: Vec<VolumeAssembler> = vec![];
     for i in 0..ds.len() {
         let (v, k, o) = ds.locate(i).context("sample index out of range")?;
-        if v >= n_volumes {
+        if v >= end {
             break;
         }
-        if o != 0 {
+        if v < first || o != 0 {
             continue;
         }
-        if v == volumes.len() {
+        if v - first == volumes.len() {
             volumes.push(VolumeAssembler::new(&ds, v)?);
         }
         let sample = ds.get(i)?;
         let probs = predict_sample(model, &pre, &sample, &prompts, &prompts, a.tta)?;
         for o in 0..organs.len() {
-            volumes[v].add_slice(k, o, &probs[o * s * s..(o + 1) * s * s], s, s)?;
+            volumes[v - first].add_slice(k, o, &probs[o * s * s..(o + 1) * s * s], s, s)?;
         }
         bar.inc(1);
     }
@@ -719,7 +764,7 @@ fn eval_volumes(a: &EvalArgs, root: &Path, model: &TgcNet) -> Result<()> {
     println!("volume organ 3D-Dice predicted-voxels true-voxels");
     let mut metrics = SegMetrics::new();
     let mut rows = vec![];
-    for (v, asm) in volumes.iter().enumerate() {
+    for (v, asm) in (first..end).zip(&volumes) {
         let pred = asm.label_map();
         let truth = ds.label_volume(v)?;
         let scores = asm.score(&ds, v, &mut metrics)?;

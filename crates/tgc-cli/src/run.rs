@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tgc_data::{LvitDataset, PhantomKind, SegDataset, Split, SyntheticPhantoms};
+use tgc_data::{
+    HuWindow, LvitDataset, NiftiLayout, NiftiOptions, NiftiVolumeDataset, PhantomKind, SegDataset,
+    Split, SyntheticPhantoms,
+};
 use tgc_model::{TgcConfig, WeightSource};
 use tgc_train::TrainConfig;
 
@@ -21,6 +24,7 @@ pub const PHANTOM_VAL: usize = 128;
 /// preset = "cpu"               # paper | cpu | tiny
 /// data = "../shared/data/qata-cov19"   # LViT folder (relative to the working directory)
 /// # phantoms = "ct"            # or synthetic phantoms: ct | cxr
+/// # [volumes] root = "..."     # or labelled CT volumes (see VolumesSpec)
 /// out = "runs/qata"
 /// clip_weights = "random"      # random | file.safetensors | dir | hub:<repo>
 /// train_count = 640            # phantom images for training (default 640)
@@ -42,6 +46,8 @@ pub struct RunFile {
     pub data: Option<PathBuf>,
     /// Synthetic phantoms instead of `data`: `ct` or `cxr`.
     pub phantoms: Option<String>,
+    /// Labelled CT volumes instead of `data`.
+    pub volumes: Option<VolumesSpec>,
     /// Output folder.
     pub out: Option<PathBuf>,
     /// Frozen CLIP weights.
@@ -63,6 +69,127 @@ impl RunFile {
             .with_context(|| format!("cannot read config {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
     }
+}
+
+/// `[volumes]` of `run.toml` (or `tgc train --volumes DIR`): labelled CT volumes, one
+/// sample per axial slice and organ with the organ's name as the prompt. The volumes are
+/// split by volume, never by slice: the last `val_volumes` (in the folder's sorted order)
+/// validate, the others train.
+///
+/// ```toml
+/// [volumes]
+/// root = "data/Task09_Spleen"  # or --volumes DIR
+/// layout = "msd"               # msd | word | abdomenct1k (the image/label folders, Tr)
+/// organs = ["spleen"]          # default: every labelled organ
+/// val_volumes = 8              # default: a fifth of the volumes, at least 1
+/// window_level = 40.0          # HU window (abdomen)
+/// window_width = 400.0
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VolumesSpec {
+    /// The folder.
+    pub root: Option<PathBuf>,
+    /// msd, word or abdomenct1k.
+    pub layout: String,
+    /// Organs to prompt (names from the label table); None = all.
+    pub organs: Option<Vec<String>>,
+    /// How many of the last volumes validate (default: a fifth, at least 1).
+    pub val_volumes: Option<usize>,
+    /// HU window level.
+    pub window_level: f32,
+    /// HU window width.
+    pub window_width: f32,
+}
+
+impl Default for VolumesSpec {
+    fn default() -> Self {
+        Self {
+            root: None,
+            layout: "msd".into(),
+            organs: None,
+            val_volumes: None,
+            window_level: 40.0,
+            window_width: 400.0,
+        }
+    }
+}
+
+/// Parses a volume layout name.
+pub fn nifti_layout(s: &str) -> Result<NiftiLayout> {
+    match s {
+        "msd" => Ok(NiftiLayout::Msd),
+        "word" => Ok(NiftiLayout::Word),
+        "abdomenct1k" => Ok(NiftiLayout::AbdomenCt1k),
+        o => bail!("unknown volume layout {o:?} (expected msd, word or abdomenct1k)"),
+    }
+}
+
+/// Opens every slice of the volumes of `spec` (WORD: the `suffix` folders, `Tr`, `Val` or
+/// `Ts`), with errors naming the folder.
+pub fn open_volumes(spec: &VolumesSpec, suffix: &str) -> Result<NiftiVolumeDataset> {
+    let root = spec
+        .root
+        .as_ref()
+        .context("[volumes] needs a root folder (or pass --volumes DIR)")?;
+    let opts = NiftiOptions {
+        window: HuWindow {
+            level: spec.window_level,
+            width: spec.window_width,
+        },
+        organs: spec.organs.clone(),
+        suffix: suffix.into(),
+        only_slices_with_organ: false,
+        cached_volumes: 1,
+    };
+    NiftiVolumeDataset::open(root, nifti_layout(&spec.layout)?, opts)
+        .with_context(|| format!("cannot open the volumes in {}", root.display()))
+}
+
+/// Training and validation slices of `spec`, split by volume; also the number of
+/// validation volumes. Both keep only the slices where the prompted organ is present (the
+/// 2D validation Dice of training; `tgc eval --volumes` gives the 3D Dice).
+pub fn volume_split(
+    spec: &VolumesSpec,
+) -> Result<(Arc<dyn SegDataset>, Arc<dyn SegDataset>, usize)> {
+    let all = open_volumes(spec, "Tr")?;
+    let n = all.num_volumes();
+    let n_val = spec.val_volumes.unwrap_or((n / 5).max(1));
+    if n_val == 0 || n_val >= n {
+        bail!(
+            "{}: {n} volumes cannot give {n_val} validation volumes and at least one for training",
+            spec.root.as_deref().unwrap_or(Path::new("")).display()
+        );
+    }
+    let pairs: Vec<(PathBuf, PathBuf)> = (0..n)
+        .filter_map(|v| all.volume_paths(v))
+        .map(|(a, b)| (a.to_path_buf(), b.to_path_buf()))
+        .collect();
+    let opts = NiftiOptions {
+        window: HuWindow {
+            level: spec.window_level,
+            width: spec.window_width,
+        },
+        organs: None,
+        suffix: "Tr".into(),
+        only_slices_with_organ: true,
+        cached_volumes: 2,
+    };
+    let part = |name: String, pairs: &[(PathBuf, PathBuf)]| -> Result<Arc<dyn SegDataset>> {
+        let ds = NiftiVolumeDataset::from_pairs(
+            name,
+            pairs.to_vec(),
+            all.organs().to_vec(),
+            opts.clone(),
+        )?;
+        Ok(Arc::new(ds))
+    };
+    let (train, val) = pairs.split_at(n - n_val);
+    Ok((
+        part(format!("{}-train", all.name()), train)?,
+        part(format!("{}-val", all.name()), val)?,
+        n_val,
+    ))
 }
 
 /// Merges `over` into `base` recursively (tables merge, everything else replaces).
@@ -210,6 +337,15 @@ pub fn default_train(data: Option<&Path>) -> TrainConfig {
                 ..TrainConfig::for_dataset(key)
             }
         }
+    }
+}
+
+/// The default training recipe for labelled CT volumes: the paper's abdominal CT learning
+/// rate (2e-4), with the data-parallel split of [`default_train`].
+pub fn default_train_volumes() -> TrainConfig {
+    TrainConfig {
+        data_parallel: tgc_train::default_data_parallel(),
+        ..TrainConfig::for_dataset("ct")
     }
 }
 

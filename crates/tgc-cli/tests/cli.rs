@@ -445,3 +445,107 @@ fn info_total_is_the_sum_of_modules() {
     assert_eq!(parts, num("total "));
     assert!(num("frozen ") > 0);
 }
+
+/// `tgc train --volumes`: CT volumes split by volume (the last one validates), only the
+/// slices that hold a prompted organ, run.json records the split, and `tgc eval
+/// --last-volumes` scores exactly the validation volume.
+#[test]
+fn train_and_eval_on_ct_volumes() {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/ct-example");
+    let (ct, labels) = (
+        shared.join("example_ct_sm.nii.gz"),
+        shared.join("example_seg.nii.gz"),
+    );
+    if !ct.is_file() {
+        eprintln!("skipping: {} is missing", ct.display());
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let msd = dir.path().join("msd");
+    for sub in ["imagesTr", "labelsTr"] {
+        std::fs::create_dir_all(msd.join(sub)).expect("mkdir");
+    }
+    for name in ["ct_a.nii.gz", "ct_b.nii.gz"] {
+        std::fs::copy(&ct, msd.join("imagesTr").join(name)).expect("copy ct");
+        std::fs::copy(&labels, msd.join("labelsTr").join(name)).expect("copy labels");
+    }
+    std::fs::write(
+        msd.join("dataset.json"),
+        r#"{"labels": {"0": "background", "1": "spleen", "5": "liver"}}"#,
+    )
+    .expect("dataset.json");
+    // The slices of one volume that hold each organ, counted by the library on its own.
+    let one = tgc_data::NiftiVolumeDataset::from_pairs(
+        "one",
+        vec![(ct.clone(), labels.clone())],
+        vec![(1, "spleen".into()), (5, "liver".into())],
+        tgc_data::NiftiOptions {
+            only_slices_with_organ: true,
+            ..Default::default()
+        },
+    )
+    .expect("one volume");
+    let per_volume = one.len();
+    assert!(per_volume > 0);
+
+    let cfg = dir.path().join("ct.toml");
+    std::fs::write(
+        &cfg,
+        "preset = \"tiny\"\n[volumes]\norgans = [\"spleen\", \"liver\"]\n\
+         [train]\nepochs = 1\nmax_steps = 4\nprogress = false\noverlays = 0\n",
+    )
+    .expect("write ct.toml");
+    let out = dir.path().join("run");
+    let s = stdout_of(
+        tgc()
+            .args(["train", "--config"])
+            .arg(&cfg)
+            .arg("--volumes")
+            .arg(&msd)
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(
+        s.contains(&format!("{per_volume} train / {per_volume} val images")),
+        "{s}"
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).expect("run.json"))
+            .expect("json");
+    assert_eq!(record["volumes"]["val_volumes"], 1, "{record}");
+    assert_eq!(record["train"]["lr"], 2e-4, "{record}");
+    let ck = ["best.safetensors", "final.safetensors"]
+        .iter()
+        .map(|f| out.join(f))
+        .find(|p| p.is_file())
+        .expect("a checkpoint");
+
+    let s = stdout_of(
+        tgc()
+            .args(["eval", "--checkpoint"])
+            .arg(&ck)
+            .arg("--volumes")
+            .arg(&msd)
+            .args(["--last-volumes", "1"]),
+    );
+    assert!(s.contains("(1 volumes, 2 organs)"), "{s}");
+    assert!(s.contains("ct_b.nii.gz spleen"), "{s}");
+    assert!(!s.contains("ct_a.nii.gz"), "{s}");
+
+    // One volume cannot be split: one line naming the folder.
+    let single = dir.path().join("single");
+    for sub in ["imagesTr", "labelsTr"] {
+        std::fs::create_dir_all(single.join(sub)).expect("mkdir");
+    }
+    std::fs::copy(&ct, single.join("imagesTr/ct.nii.gz")).expect("copy");
+    std::fs::copy(&labels, single.join("labelsTr/ct.nii.gz")).expect("copy");
+    std::fs::copy(msd.join("dataset.json"), single.join("dataset.json")).expect("copy");
+    let err = one_line_error(
+        tgc()
+            .args(["train", "--preset", "tiny", "--volumes"])
+            .arg(&single)
+            .arg("--out")
+            .arg(dir.path().join("run2")),
+    );
+    assert!(err.contains("single") && err.contains("1 volumes"), "{err}");
+}
