@@ -415,9 +415,9 @@ fn train(a: TrainArgs, dev: &Device) -> Result<()> {
     let (train_ds, val_ds) = match (&data, &phantoms) {
         _ if volumes.is_some() => {
             let spec = volumes.as_mut().context("volumes")?;
-            let (train, val, n_val) = run::volume_split(spec)?;
-            spec.val_volumes = Some(n_val);
-            (train, val)
+            let split = run::volume_split(spec)?;
+            spec.val_volumes = Some(split.val_volumes);
+            (split.train, split.val)
         }
         (Some(root), None) => (
             run::lvit(root, tgc_data::Split::Train)?,

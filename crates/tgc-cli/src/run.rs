@@ -146,12 +146,20 @@ pub fn open_volumes(spec: &VolumesSpec, suffix: &str) -> Result<NiftiVolumeDatas
         .with_context(|| format!("cannot open the volumes in {}", root.display()))
 }
 
-/// Training and validation slices of `spec`, split by volume; also the number of
-/// validation volumes. Both keep only the slices where the prompted organ is present (the
-/// 2D validation Dice of training; `tgc eval --volumes` gives the 3D Dice).
-pub fn volume_split(
-    spec: &VolumesSpec,
-) -> Result<(Arc<dyn SegDataset>, Arc<dyn SegDataset>, usize)> {
+/// The result of [`volume_split`].
+pub struct VolumeSplit {
+    /// Slices of the training volumes.
+    pub train: Arc<dyn SegDataset>,
+    /// Slices of the validation volumes (the last `val_volumes`).
+    pub val: Arc<dyn SegDataset>,
+    /// How many volumes validate.
+    pub val_volumes: usize,
+}
+
+/// Training and validation slices of `spec`, split by volume. Both keep only the slices
+/// where the prompted organ is present (the 2D validation Dice of training; `tgc eval
+/// --volumes` gives the 3D Dice).
+pub fn volume_split(spec: &VolumesSpec) -> Result<VolumeSplit> {
     let all = open_volumes(spec, "Tr")?;
     let n = all.num_volumes();
     let n_val = spec.val_volumes.unwrap_or((n / 5).max(1));
@@ -185,11 +193,11 @@ pub fn volume_split(
         Ok(Arc::new(ds))
     };
     let (train, val) = pairs.split_at(n - n_val);
-    Ok((
-        part(format!("{}-train", all.name()), train)?,
-        part(format!("{}-val", all.name()), val)?,
-        n_val,
-    ))
+    Ok(VolumeSplit {
+        train: part(format!("{}-train", all.name()), train)?,
+        val: part(format!("{}-val", all.name()), val)?,
+        val_volumes: n_val,
+    })
 }
 
 /// Merges `over` into `base` recursively (tables merge, everything else replaces).
