@@ -566,6 +566,12 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
     if a.volumes.is_none() && (a.layout.is_some() || !a.organs.is_empty()) {
         bail!("--layout and --organs apply to --volumes only");
     }
+    if a.volumes.is_some() && (a.by_size || a.threshold != [0.5]) {
+        bail!(
+            "--by-size and --threshold apply to 2D images only: --volumes labels each voxel \
+             with the organ of highest probability above 0.5"
+        );
+    }
     let model = load_trained(&a.checkpoint, a.clip_weights.as_deref(), dev)?;
     let cfg = model.config().clone();
     if let Some(root) = &a.volumes {

@@ -350,6 +350,15 @@ fn train_eval_predict_on_phantoms() {
             "liver",
         ]));
         assert!(err.contains("--volumes"), "{err}");
+        let err = one_line_error(
+            tgc()
+                .args(["eval", "--checkpoint"])
+                .arg(&ck)
+                .arg("--volumes")
+                .arg(&msd)
+                .args(["--threshold", "0.3"]),
+        );
+        assert!(err.contains("--threshold"), "{err}");
     }
 
     // A file that is not a checkpoint: one error line naming it.
