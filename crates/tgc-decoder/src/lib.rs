@@ -52,6 +52,13 @@
 //!   `16h x 16w`. The CNN branch downsamples its input 4x in its first layer, so this is
 //!   the only path from the image's pixels at 1/2 scale to the logits; see [`HalfStage`]
 //!   and [`CostAggregationDecoder::forward_with_guidance`].
+//! - **Coordinate channels** (`coord_channels`, off by default; our addition). Each
+//!   upsampling stage's guidance map gets the `x` and `y` of its pixel centres as two
+//!   more channels ([`coordinate_channels`]). Reports name places ("lower left lung"),
+//!   but only the `1/32` cost map knows where a pixel is; with the coordinates and the
+//!   text FiLM, the finer stages can weigh a feature by where it lies and what the
+//!   report says. Checked against the PyTorch reference (case `f`, coordinates from
+//!   torch's `affine_grid`).
 //! - **Pooling.** `class_pool x class_pool` average pooling before the class attention.
 //!   With an odd grid the trailing row/column is left out of the pooled map (PyTorch's
 //!   `AvgPool2d` floor rule) but still receives the upsampled update; grids smaller than
@@ -124,7 +131,7 @@
 mod class;
 mod spatial;
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 use serde::{Deserialize, Serialize};
 use tgc_nn::{GroupNorm, MatmulConv, MatmulConvTranspose};
@@ -217,6 +224,14 @@ pub struct DecoderConfig {
     /// the input image: the logits come out at `16h x 16w`. Needs [`Self::quarter`].
     /// See [`HalfStage`].
     pub half: Option<HalfStage>,
+    /// Coordinate channels (false; **not in the paper**): every upsampling stage's
+    /// guidance map gets two more channels, the `x` and `y` of each pixel centre in
+    /// `[-1, 1]` (`(2 i + 1) / n - 1`, the `align_corners = false` convention), so its
+    /// DoubleConv can make features that depend on where a pixel is. With
+    /// [`Self::text_film`] the report can then scale them: "left lung" can gate the
+    /// left half of the image at the 1/16, 1/8 (and 1/4, 1/2) scales, where without
+    /// them only the 1/32 cost map knows positions. See [`coordinate_channels`].
+    pub coord_channels: bool,
 }
 
 /// The optional 1/4-scale upsampling stage ([`DecoderConfig::quarter`]; our addition):
@@ -282,6 +297,7 @@ impl Default for DecoderConfig {
             text_film: false,
             quarter: None,
             half: None,
+            coord_channels: false,
         }
     }
 }
@@ -293,6 +309,16 @@ impl DecoderConfig {
             2
         } else {
             1
+        }
+    }
+
+    /// Extra guidance channels per upsampling stage: 2 with [`Self::coord_channels`],
+    /// else 0.
+    pub fn coord_extra(&self) -> usize {
+        if self.coord_channels {
+            2
+        } else {
+            0
         }
     }
 
@@ -379,6 +405,27 @@ pub fn cost_volume(vision: &Tensor, text: &Tensor) -> Result<Tensor> {
     // (B, K, 1, D) @ (B, K, D, hw) -> (B, K, 1, hw)
     let cos = tn.unsqueeze(2)?.contiguous()?.matmul(&vn.contiguous()?)?;
     Ok(cos.reshape((b, k, h, w))?)
+}
+
+/// The coordinate channels of [`DecoderConfig::coord_channels`]: `1 x 2 x h x w`, channel
+/// 0 the `x` and channel 1 the `y` of each pixel centre, `(2 j + 1) / w - 1` and
+/// `(2 i + 1) / h - 1`, so both lie in `(-1, 1)` and are symmetric about the centre (a
+/// horizontal flip of the image negates channel 0).
+pub fn coordinate_channels(
+    h: usize,
+    w: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let xs: Vec<f64> = (0..w)
+        .map(|j| (2 * j + 1) as f64 / w as f64 - 1.0)
+        .collect();
+    let ys: Vec<f64> = (0..h)
+        .map(|i| (2 * i + 1) as f64 / h as f64 - 1.0)
+        .collect();
+    let x = Tensor::from_vec(xs, (1, 1, 1, w), device)?.broadcast_as((1, 1, h, w))?;
+    let y = Tensor::from_vec(ys, (1, 1, h, 1), device)?.broadcast_as((1, 1, h, w))?;
+    Ok(Tensor::cat(&[x, y], 1)?.to_dtype(dtype)?)
 }
 
 /// Bilinearly resizes logits `B x K x h x w` to `B x K x out_h x out_w`
@@ -578,7 +625,12 @@ impl CostAggregationDecoder {
                     up_cfg,
                     uvb.pp("convt"),
                 )?,
-                conv: DoubleConv::new(cfg.up_channels[i] + projs[i], out, cfg.groups(out), uvb)?,
+                conv: DoubleConv::new(
+                    cfg.up_channels[i] + projs[i] + cfg.coord_extra(),
+                    out,
+                    cfg.groups(out),
+                    uvb,
+                )?,
             });
         }
         let [up0, up1]: [UpStage; 2] = up
@@ -596,7 +648,12 @@ impl CostAggregationDecoder {
                         up_cfg,
                         uvb.pp("convt"),
                     )?,
-                    conv: DoubleConv::new(q.up_channels + q.proj, q.dim, cfg.groups(q.dim), uvb)?,
+                    conv: DoubleConv::new(
+                        q.up_channels + q.proj + cfg.coord_extra(),
+                        q.dim,
+                        cfg.groups(q.dim),
+                        uvb,
+                    )?,
                 };
                 Some((proj, stage))
             }
@@ -621,7 +678,7 @@ impl CostAggregationDecoder {
                         uvb.pp("convt"),
                     )?,
                     conv: DoubleConv::new(
-                        hs.up_channels + hs.proj,
+                        hs.up_channels + hs.proj + cfg.coord_extra(),
                         hs.dim,
                         cfg.groups(hs.dim),
                         uvb,
@@ -848,6 +905,14 @@ impl CostAggregationDecoder {
         }
         let mut scale = 1;
         for (i, (g, stage)) in stages.into_iter().enumerate() {
+            let g = if cfg.coord_channels {
+                let (gb, _, gh, gw) = g.dims4()?;
+                let xy = coordinate_channels(gh, gw, g.dtype(), g.device())?
+                    .broadcast_as((gb, 2, gh, gw))?;
+                Tensor::cat(&[&g, &xy], 1)?
+            } else {
+                g
+            };
             let (_, gc, gh, gw) = g.dims4()?;
             let g = g
                 .unsqueeze(1)?

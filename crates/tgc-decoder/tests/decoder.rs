@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use tgc_decoder::{
-    cost_volume, effective_window, CostAggregationDecoder, DecoderConfig, Error, HalfStage,
-    QuarterStage,
+    coordinate_channels, cost_volume, effective_window, CostAggregationDecoder, DecoderConfig,
+    Error, HalfStage, QuarterStage,
 };
 
 type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -42,6 +42,7 @@ fn tiny(use_clip_cost: bool) -> DecoderConfig {
         text_film: false,
         quarter: None,
         half: None,
+        coord_channels: false,
     }
 }
 
@@ -69,6 +70,14 @@ fn tiny_half() -> DecoderConfig {
             dim: 4,
         }),
         ..tiny_quarter()
+    }
+}
+
+/// `tiny_half` with the coordinate channels of the fixture's case `f`.
+fn tiny_coord() -> DecoderConfig {
+    DecoderConfig {
+        coord_channels: true,
+        ..tiny_half()
     }
 }
 
@@ -191,6 +200,26 @@ fn matches_pytorch_reference_with_half_stage() -> R<()> {
     check_case_cfg("e", true, tiny_half())
 }
 
+/// B=2, K=2, grid 3x5: FiLM, quarter and half stages, and coordinate channels on all
+/// four stages (the reference takes its coordinates from torch's `affine_grid`).
+#[test]
+fn matches_pytorch_reference_with_coordinate_channels() -> R<()> {
+    check_case_cfg("f", true, tiny_coord())
+}
+
+/// Hand-computed pixel centres: `(2 j + 1) / w - 1` across, `(2 i + 1) / h - 1` down.
+#[test]
+fn coordinate_channels_are_pixel_centres() -> R<()> {
+    let xy = coordinate_channels(2, 4, DType::F32, &Device::Cpu)?;
+    assert_eq!(xy.dims(), [1, 2, 2, 4]);
+    let v = xy.squeeze(0)?.to_vec3::<f32>()?;
+    assert_eq!(v[0], vec![vec![-0.75, -0.25, 0.25, 0.75]; 2]);
+    assert_eq!(v[1], vec![vec![-0.5; 4], vec![0.5; 4]]);
+    let one = coordinate_channels(1, 1, DType::F64, &Device::Cpu)?;
+    assert_eq!(one.flatten_all()?.to_vec1::<f64>()?, vec![0.0, 0.0]);
+    Ok(())
+}
+
 /// Zero-initialised FiLM: a decoder with `text_film` computes exactly what the same
 /// weights compute without it.
 #[test]
@@ -291,12 +320,14 @@ fn formula_count(cfg: &DecoderConfig) -> usize {
     let class = 4 * c + 2 * ((c + g) * c + c) + (c * c + c) + (c * m + m) + (m * c + c);
     let layers = cfg.layers * (spatial + class);
     let projs = [cfg.f16_proj, cfg.f8_proj];
+    // Coordinate channels widen each DoubleConv's input by 2 (no parameters of their own).
+    let xy = if cfg.coord_channels { 2 } else { 0 };
     let guid: usize = projs.iter().map(|p| d * p * kk + p).sum();
     let ins = [c, cfg.decoder_dims[0]];
     let stages: usize = (0..2)
         .map(|i| {
             let (u, o, p) = (cfg.up_channels[i], cfg.decoder_dims[i], projs[i]);
-            ins[i] * u * 4 + u + (u + p) * o * 9 + o * o * 9 + 4 * o
+            ins[i] * u * 4 + u + (u + p + xy) * o * 9 + o * o * 9 + 4 * o
         })
         .sum();
     let quarter = cfg.quarter.as_ref().map_or(0, |q| {
@@ -305,7 +336,7 @@ fn formula_count(cfg: &DecoderConfig) -> usize {
             + p
             + cfg.decoder_dims[1] * u * 4
             + u
-            + (u + p) * o * 9
+            + (u + p + xy) * o * 9
             + o * o * 9
             + 4 * o
     });
@@ -320,7 +351,7 @@ fn formula_count(cfg: &DecoderConfig) -> usize {
                 + p
                 + q.dim * u * 4
                 + u
-                + (u + p) * o * 9
+                + (u + p + xy) * o * 9
                 + o * o * 9
                 + 4 * o
         }
@@ -382,6 +413,12 @@ fn parameter_count_matches_formula() -> R<()> {
         formula_count(&tiny_quarter())
     );
     assert_eq!(varmap_count(&tiny_half())?, formula_count(&tiny_half()));
+    assert_eq!(varmap_count(&tiny_coord())?, formula_count(&tiny_coord()));
+    let coord_plain = DecoderConfig {
+        coord_channels: true,
+        ..tiny(true)
+    };
+    assert_eq!(varmap_count(&coord_plain)?, formula_count(&coord_plain));
     Ok(())
 }
 
@@ -511,6 +548,12 @@ fn every_parameter_gets_gradient_k2_with_quarter_stage() -> R<()> {
 #[test]
 fn every_parameter_gets_gradient_k2_with_half_stage() -> R<()> {
     gradient_flow_cfg(2, 2, 3, 4, true, tiny_half())
+}
+
+/// With coordinate channels on every stage, too.
+#[test]
+fn every_parameter_gets_gradient_k2_with_coordinate_channels() -> R<()> {
+    gradient_flow_cfg(2, 2, 3, 4, true, tiny_coord())
 }
 
 /// A half-stage decoder needs the image at `32h x 32w` with its channels and the
