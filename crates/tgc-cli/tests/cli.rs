@@ -334,14 +334,17 @@ fn train_eval_predict_on_phantoms() {
         }
         assert_eq!(organs, 2);
         assert!(s.contains("mean 3D Dice: "), "{s}");
-        let err = one_line_error(
-            tgc()
-                .args(["eval", "--checkpoint"])
-                .arg(&ck)
-                .arg("--volumes")
-                .arg(&msd)
-                .args(["--organs", "kidney"]),
-        );
+        let volumes_error = |extra: &[&str]| {
+            one_line_error(
+                tgc()
+                    .args(["eval", "--checkpoint"])
+                    .arg(&ck)
+                    .arg("--volumes")
+                    .arg(&msd)
+                    .args(extra),
+            )
+        };
+        let err = volumes_error(&["--organs", "kidney"]);
         assert!(err.contains("kidney"), "{err}");
         let err = one_line_error(tgc().args(["eval", "--checkpoint"]).arg(&ck).args([
             "--phantoms",
@@ -350,14 +353,7 @@ fn train_eval_predict_on_phantoms() {
             "liver",
         ]));
         assert!(err.contains("--volumes"), "{err}");
-        let err = one_line_error(
-            tgc()
-                .args(["eval", "--checkpoint"])
-                .arg(&ck)
-                .arg("--volumes")
-                .arg(&msd)
-                .args(["--threshold", "0.3"]),
-        );
+        let err = volumes_error(&["--threshold", "0.3"]);
         assert!(err.contains("--threshold"), "{err}");
     }
 

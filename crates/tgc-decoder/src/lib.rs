@@ -411,6 +411,13 @@ pub fn cost_volume(vision: &Tensor, text: &Tensor) -> Result<Tensor> {
 /// 0 the `x` and channel 1 the `y` of each pixel centre, `(2 j + 1) / w - 1` and
 /// `(2 i + 1) / h - 1`, so both lie in `(-1, 1)` and are symmetric about the centre (a
 /// horizontal flip of the image negates channel 0).
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// let xy = tgc_decoder::coordinate_channels(1, 2, DType::F32, &Device::Cpu)?;
+/// assert_eq!(xy.flatten_all()?.to_vec1::<f32>()?, [-0.5, 0.5, 0.0, 0.0]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn coordinate_channels(
     h: usize,
     w: usize,
