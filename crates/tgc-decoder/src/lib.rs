@@ -232,6 +232,33 @@ pub struct DecoderConfig {
     /// left half of the image at the 1/16, 1/8 (and 1/4, 1/2) scales, where without
     /// them only the 1/32 cost map knows positions. See [`coordinate_channels`].
     pub coord_channels: bool,
+    /// Fine cost maps (None; **not in the paper**): the 1/16, 1/8 (and, with the quarter
+    /// stage, 1/4) upsampling stages get `heads` more input channels, each the cosine
+    /// between a projection of the stage's per-image features and a projection of the
+    /// pair's text vector. The cost volume of step 1 is the only place where the text is
+    /// compared with the image pixel by pixel, and it lives on the coarsest grid; these
+    /// maps repeat the comparison where a small lesion is more than a pixel wide. See
+    /// [`FineCost`].
+    pub fine_cost: Option<FineCost>,
+}
+
+/// The optional fine cost maps ([`DecoderConfig::fine_cost`]; our addition, the idea of
+/// CAT-Seg's cost volume repeated on finer grids). At upsampling stage `i` (0: `F_V^1/16`,
+/// 1: `F_V^1/8`, 2: the quarter stage's `F_cnn^1/4`; the half stage gets none, its guide
+/// is the raw image):
+///
+/// `cost_i[n, j] = cos(P_i(f)[b, j], T_i(t_n)[j])` for head `j < heads`, with
+/// `P_i = Conv1x1(C_i -> heads * dim)` on the per-image features, split into `heads`
+/// groups of `dim`, and `T_i = Linear(D -> heads * dim)` on the L2-normalised text vector
+/// of pair `n = b*K + k`. The `heads` maps, `(B*K) x heads x H x W`, are concatenated
+/// after the guidance map (and coordinate channels) at the input of the stage's
+/// DoubleConv. Parameters `fine_cost.{i}.{image, text}.{weight, bias}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FineCost {
+    /// Cosine maps per stage.
+    pub heads: usize,
+    /// Width of each head's projections.
+    pub dim: usize,
 }
 
 /// The optional 1/4-scale upsampling stage ([`DecoderConfig::quarter`]; our addition):
@@ -298,6 +325,7 @@ impl Default for DecoderConfig {
             quarter: None,
             half: None,
             coord_channels: false,
+            fine_cost: None,
         }
     }
 }
@@ -319,6 +347,15 @@ impl DecoderConfig {
             2
         } else {
             0
+        }
+    }
+
+    /// Extra DoubleConv input channels of upsampling stage `stage` from
+    /// [`Self::fine_cost`]: `heads` at stages 0, 1 and 2 (the quarter stage), else 0.
+    pub fn fine_cost_extra(&self, stage: usize) -> usize {
+        match &self.fine_cost {
+            Some(fc) if stage < 3 => fc.heads,
+            _ => 0,
         }
     }
 
@@ -360,6 +397,13 @@ impl DecoderConfig {
             if hs.in_channels == 0 || hs.proj == 0 || hs.up_channels == 0 {
                 return bad(format!(
                     "half stage: in_channels, proj and up_channels must be positive, got {hs:?}"
+                ));
+            }
+        }
+        if let Some(fc) = &self.fine_cost {
+            if fc.heads == 0 || fc.dim == 0 {
+                return bad(format!(
+                    "fine_cost: heads and dim must be positive, got {fc:?}"
                 ));
             }
         }
@@ -544,6 +588,49 @@ impl TextFilm {
     }
 }
 
+/// The projections of one stage's fine cost maps ([`FineCost`]).
+#[derive(Clone, Debug)]
+struct FineCostMaps {
+    image: MatmulConv,
+    text: tgc_nn::Linear,
+    heads: usize,
+    dim: usize,
+}
+
+impl FineCostMaps {
+    fn new(cin: usize, d: usize, fc: &FineCost, vb: VarBuilder) -> Result<Self> {
+        let width = fc.heads * fc.dim;
+        Ok(Self {
+            image: tgc_nn::conv2d(cin, width, 1, Conv2dConfig::default(), vb.pp("image"))?,
+            text: tgc_nn::linear(d, width, vb.pp("text"))?,
+            heads: fc.heads,
+            dim: fc.dim,
+        })
+    }
+
+    /// `feat`: per-image features `B x C x H x W`; `text`: normalised text vectors
+    /// `(B*K) x D` -> cosine maps `(B*K) x heads x H x W`.
+    fn forward(&self, feat: &Tensor, text: &Tensor, k: usize) -> Result<Tensor> {
+        let (b, _, h, w) = feat.dims4()?;
+        let (nh, dh) = (self.heads, self.dim);
+        let unit = |t: Tensor, dim: usize| -> Result<Tensor> {
+            Ok(t.broadcast_div(&(t.sqr()?.sum_keepdim(dim)? + 1e-12)?.sqrt()?)?)
+        };
+        // B x heads x dh x HW, unit vectors along dh.
+        let img = unit(feat.apply(&self.image)?.reshape((b, nh, dh, h * w))?, 2)?;
+        // B x K x heads x dh -> B x heads x K x dh.
+        let txt = unit(text.apply(&self.text)?.reshape((b, k, nh, dh))?, 3)?
+            .permute((0, 2, 1, 3))?
+            .contiguous()?;
+        // (B, heads, K, dh) @ (B, heads, dh, HW) -> (B, heads, K, HW)
+        let cos = txt.matmul(&img.contiguous()?)?;
+        Ok(cos
+            .permute((0, 2, 1, 3))?
+            .contiguous()?
+            .reshape((b * k, nh, h, w))?)
+    }
+}
+
 /// One upsampling stage: `ConvT(2, 2)`, concatenation with projected per-image features,
 /// DoubleConv.
 #[derive(Clone, Debug)]
@@ -568,6 +655,8 @@ pub struct CostAggregationDecoder {
     half: Option<(MatmulConv, MatmulConv, UpStage)>,
     head: MatmulConv,
     text_film: Option<TextFilm>,
+    /// Fine cost projections per stage (0: 1/16, 1: 1/8, 2: quarter), when configured.
+    fine_cost: Vec<FineCostMaps>,
 }
 
 impl CostAggregationDecoder {
@@ -633,7 +722,7 @@ impl CostAggregationDecoder {
                     uvb.pp("convt"),
                 )?,
                 conv: DoubleConv::new(
-                    cfg.up_channels[i] + projs[i] + cfg.coord_extra(),
+                    cfg.up_channels[i] + projs[i] + cfg.coord_extra() + cfg.fine_cost_extra(i),
                     out,
                     cfg.groups(out),
                     uvb,
@@ -656,7 +745,7 @@ impl CostAggregationDecoder {
                         uvb.pp("convt"),
                     )?,
                     conv: DoubleConv::new(
-                        q.up_channels + q.proj + cfg.coord_extra(),
+                        q.up_channels + q.proj + cfg.coord_extra() + cfg.fine_cost_extra(2),
                         q.dim,
                         cfg.groups(q.dim),
                         uvb,
@@ -712,6 +801,17 @@ impl CostAggregationDecoder {
         } else {
             None
         };
+        let fine_cost = match &cfg.fine_cost {
+            Some(fc) => {
+                let mut ins = vec![d, d];
+                ins.extend(cfg.quarter.as_ref().map(|q| q.in_channels));
+                ins.iter()
+                    .enumerate()
+                    .map(|(i, &cin)| FineCostMaps::new(cin, d, fc, vb.pp("fine_cost").pp(i)))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => Vec::new(),
+        };
         Ok(Self {
             cfg: cfg.clone(),
             cost_embed,
@@ -724,6 +824,7 @@ impl CostAggregationDecoder {
             half,
             head,
             text_film,
+            fine_cost,
         })
     }
 
@@ -903,8 +1004,11 @@ impl CostAggregationDecoder {
             (f16.apply(&self.decoder_guidance[0])?.relu()?, &self.up[0]),
             (f8.apply(&self.decoder_guidance[1])?.relu()?, &self.up[1]),
         ];
+        // The per-image features each fine cost map compares with the text.
+        let mut fine_sources = vec![f16, f8];
         if let (Some(f4), Some((proj, stage))) = (f4, &self.quarter) {
             stages.push((f4.apply(proj)?.relu()?, stage));
+            fine_sources.push(f4);
         }
         if let (Some(img), Some((down, conv, stage))) = (image, &self.half) {
             let g = img.apply(down)?.relu()?.apply(conv)?.relu()?;
@@ -937,9 +1041,13 @@ impl CostAggregationDecoder {
                 }
                 None => None,
             };
+            let mut parts = vec![up, g];
+            if let Some(maps) = self.fine_cost.get(i) {
+                parts.push(maps.forward(fine_sources[i], &tn_rows, k)?);
+            }
             x = stage
                 .conv
-                .forward(&Tensor::cat(&[up, g], 1)?, film.as_ref())?;
+                .forward(&Tensor::cat(&parts, 1)?, film.as_ref())?;
             scale *= 2;
         }
         let logits = x.apply(&self.head)?;

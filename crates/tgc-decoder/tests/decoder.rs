@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use tgc_decoder::{
     coordinate_channels, cost_volume, effective_window, CostAggregationDecoder, DecoderConfig,
-    Error, HalfStage, QuarterStage,
+    Error, FineCost, HalfStage, QuarterStage,
 };
 
 type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -43,6 +43,7 @@ fn tiny(use_clip_cost: bool) -> DecoderConfig {
         quarter: None,
         half: None,
         coord_channels: false,
+        fine_cost: None,
     }
 }
 
@@ -77,6 +78,15 @@ fn tiny_half() -> DecoderConfig {
 fn tiny_coord() -> DecoderConfig {
     DecoderConfig {
         coord_channels: true,
+        ..tiny_half()
+    }
+}
+
+/// `tiny_half` with the fine cost maps of the fixture's case `g` (1/16, 1/8 and 1/4
+/// stages; the half stage has none).
+fn tiny_fine() -> DecoderConfig {
+    DecoderConfig {
+        fine_cost: Some(FineCost { heads: 2, dim: 3 }),
         ..tiny_half()
     }
 }
@@ -207,6 +217,14 @@ fn matches_pytorch_reference_with_coordinate_channels() -> R<()> {
     check_case_cfg("f", true, tiny_coord())
 }
 
+/// B=2, K=2, grid 3x4: FiLM, quarter and half stages, and two fine cost heads of width 3
+/// at the 1/16, 1/8 and 1/4 stages (the reference computes them with `F.normalize` and
+/// an einsum per pair).
+#[test]
+fn matches_pytorch_reference_with_fine_cost() -> R<()> {
+    check_case_cfg("g", true, tiny_fine())
+}
+
 /// Hand-computed pixel centres: `(2 j + 1) / w - 1` across, `(2 i + 1) / h - 1` down.
 #[test]
 fn coordinate_channels_are_pixel_centres() -> R<()> {
@@ -322,12 +340,24 @@ fn formula_count(cfg: &DecoderConfig) -> usize {
     let projs = [cfg.f16_proj, cfg.f8_proj];
     // Coordinate channels widen each DoubleConv's input by 2 (no parameters of their own).
     let xy = if cfg.coord_channels { 2 } else { 0 };
+    // Fine cost maps widen the 1/16, 1/8 and 1/4 DoubleConvs' inputs by `heads` and add
+    // a 1x1 conv `C_i*hd + hd` and a linear map `D*hd + hd` per stage.
+    let (fx, fine) = match &cfg.fine_cost {
+        Some(fc) => {
+            let hd = fc.heads * fc.dim;
+            let mut ins = vec![d, d];
+            ins.extend(cfg.quarter.as_ref().map(|q| q.in_channels));
+            let p: usize = ins.iter().map(|ci| ci * hd + hd + d * hd + hd).sum();
+            (fc.heads, p)
+        }
+        None => (0, 0),
+    };
     let guid: usize = projs.iter().map(|p| d * p * kk + p).sum();
     let ins = [c, cfg.decoder_dims[0]];
     let stages: usize = (0..2)
         .map(|i| {
             let (u, o, p) = (cfg.up_channels[i], cfg.decoder_dims[i], projs[i]);
-            ins[i] * u * 4 + u + (u + p + xy) * o * 9 + o * o * 9 + 4 * o
+            ins[i] * u * 4 + u + (u + p + xy + fx) * o * 9 + o * o * 9 + 4 * o
         })
         .sum();
     let quarter = cfg.quarter.as_ref().map_or(0, |q| {
@@ -336,7 +366,7 @@ fn formula_count(cfg: &DecoderConfig) -> usize {
             + p
             + cfg.decoder_dims[1] * u * 4
             + u
-            + (u + p + xy) * o * 9
+            + (u + p + xy + fx) * o * 9
             + o * o * 9
             + 4 * o
     });
@@ -371,7 +401,7 @@ fn formula_count(cfg: &DecoderConfig) -> usize {
     } else {
         0
     };
-    front + layers + guid + stages + quarter + half + head + film
+    front + layers + guid + stages + quarter + half + head + film + fine
 }
 
 fn varmap_count(cfg: &DecoderConfig) -> R<usize> {
@@ -419,6 +449,12 @@ fn parameter_count_matches_formula() -> R<()> {
         ..tiny(true)
     };
     assert_eq!(varmap_count(&coord_plain)?, formula_count(&coord_plain));
+    assert_eq!(varmap_count(&tiny_fine())?, formula_count(&tiny_fine()));
+    let fine_plain = DecoderConfig {
+        fine_cost: Some(FineCost { heads: 3, dim: 2 }),
+        ..tiny(false)
+    };
+    assert_eq!(varmap_count(&fine_plain)?, formula_count(&fine_plain));
     Ok(())
 }
 
@@ -554,6 +590,95 @@ fn every_parameter_gets_gradient_k2_with_half_stage() -> R<()> {
 #[test]
 fn every_parameter_gets_gradient_k2_with_coordinate_channels() -> R<()> {
     gradient_flow_cfg(2, 2, 3, 4, true, tiny_coord())
+}
+
+/// With fine cost maps on the 1/16, 1/8 and 1/4 stages, too.
+#[test]
+fn every_parameter_gets_gradient_k2_with_fine_cost() -> R<()> {
+    gradient_flow_cfg(2, 2, 3, 4, true, tiny_fine())
+}
+
+/// The fine cost maps' gradients against central finite differences in f64: a few
+/// entries of each projection at the 1/16 and 1/4 stages.
+#[test]
+fn fine_cost_gradients_match_finite_differences() -> R<()> {
+    let dev = Device::Cpu;
+    let cfg = DecoderConfig {
+        half: None,
+        ..tiny_fine()
+    };
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+    let dec = CostAggregationDecoder::new(&cfg, vb)?;
+    let (b, k, h, w, d) = (2, 2, 2, 2, cfg.d_model);
+    let vision = Tensor::randn(0f64, 1.0, (b * k, d, h, w), &dev)?;
+    let text = Tensor::randn(0f64, 1.0, (b, k, d), &dev)?;
+    let f16 = Tensor::randn(0f64, 1.0, (b, d, 2 * h, 2 * w), &dev)?;
+    let f8 = Tensor::randn(0f64, 1.0, (b, d, 4 * h, 4 * w), &dev)?;
+    let f4 = Tensor::randn(0f64, 1.0, (b, 3, 8 * h, 8 * w), &dev)?;
+    let clip = Tensor::randn(0f64, 0.3, (b, k, h, w), &dev)?;
+    let weights = Tensor::randn(0f64, 1.0, (b, k, 8 * h, 8 * w), &dev)?;
+    let loss = || -> R<Tensor> {
+        let logits =
+            dec.forward_with_f4(&vision, &text, &f16, &f8, Some(&f4), Some(&clip), false)?;
+        Ok((logits * &weights)?.sum_all()?)
+    };
+    let grads = loss()?.backward()?;
+    let vars = varmap.data().lock().unwrap().clone();
+    let eps = 1e-5;
+    let mut checked = 0;
+    for name in [
+        "fine_cost.0.image.weight",
+        "fine_cost.0.text.weight",
+        "fine_cost.2.image.weight",
+        "fine_cost.2.text.bias",
+    ] {
+        let var = vars.get(name).ok_or(format!("no parameter {name}"))?;
+        let g = grads
+            .get(var.as_tensor())
+            .ok_or(format!("{name}: no gradient"))?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+        for idx in [0, base.len() / 2, base.len() - 1] {
+            let at = |delta: f64| -> R<f64> {
+                let mut v = base.clone();
+                v[idx] += delta;
+                var.set(&Tensor::from_vec(v, var.as_tensor().dims(), &dev)?)?;
+                Ok(loss()?.to_scalar::<f64>()?)
+            };
+            let fd = (at(eps)? - at(-eps)?) / (2.0 * eps);
+            var.set(&Tensor::from_vec(
+                base.clone(),
+                var.as_tensor().dims(),
+                &dev,
+            )?)?;
+            let err = (fd - g[idx]).abs();
+            assert!(
+                err <= 1e-6 * (1.0 + fd.abs()),
+                "{name}[{idx}]: analytic {} vs finite difference {fd}",
+                g[idx]
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 12);
+    Ok(())
+}
+
+/// A fine cost with no heads or no width is a config error.
+#[test]
+fn fine_cost_rejects_empty_heads() {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let cfg = DecoderConfig {
+        fine_cost: Some(FineCost { heads: 0, dim: 3 }),
+        ..tiny(true)
+    };
+    let err = CostAggregationDecoder::new(&cfg, vb)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fine_cost"), "{err}");
 }
 
 /// A half-stage decoder needs the image at `32h x 32w` with its channels and the
