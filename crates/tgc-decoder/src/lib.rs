@@ -59,6 +59,14 @@
 //!   text FiLM, the finer stages can weigh a feature by where it lies and what the
 //!   report says. Checked against the PyTorch reference (case `f`, coordinates from
 //!   torch's `affine_grid`).
+//! - **Fine cost maps** (`fine_cost`, off by default; our addition, CAT-Seg's cost volume
+//!   repeated on finer grids). The cost volume compares text and pixels only on the
+//!   `1/32` grid (5 x 5 to 7 x 7 cells in the CPU configurations), too coarse for a lesion
+//!   of 2% of the image; the FiLM gives the finer stages the text per channel, not per
+//!   pixel. With `fine_cost`, the 1/16, 1/8 and (with the quarter stage) 1/4 stages each
+//!   get `heads` cosine maps between a `1 x 1` projection of the stage's per-image
+//!   features and a linear projection of the pair's text vector. Checked against the
+//!   PyTorch reference (case `g`) and finite differences; see [`FineCost`].
 //! - **Pooling.** `class_pool x class_pool` average pooling before the class attention.
 //!   With an odd grid the trailing row/column is left out of the pooled map (PyTorch's
 //!   `AvgPool2d` floor rule) but still receives the upsampled update; grids smaller than
@@ -79,7 +87,8 @@
 //! norm2, mlp.{fc1,fc2}}}`, `layers.{i}.class.{norm1, q, k, v, norm2, mlp.{fc1,fc2}}`,
 //! `decoder_guidance.{0,1}`, `up.{0,1}.{convt, conv1, norm1, conv2, norm2}`, `head`
 //! (and `decoder_guidance.2`, `up.2.*` with the quarter stage;
-//! `decoder_guidance.3.{down, conv}`, `up.3.*` with the half stage).
+//! `decoder_guidance.3.{down, conv}`, `up.3.*` with the half stage;
+//! `fine_cost.{i}.{image, text}` with the fine cost maps).
 //! With the paper configuration and the CLIP cost channel the decoder has 2,005,473
 //! parameters.
 //!
