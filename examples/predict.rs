@@ -98,5 +98,5 @@ fn main() -> Result<()> {
 
 /// The model config from its JSON metadata.
 fn serde_config(json: &str) -> Result<TgcConfig> {
-    serde_json::from_str(json).context("invalid model config in the checkpoint metadata")
+    TgcConfig::from_json(json).context("invalid model config in the checkpoint metadata")
 }

@@ -52,7 +52,7 @@ fn main() -> Result<()> {
     tgc::train::retain_freed_memory();
     let args = Args::parse();
     let cfg = match &args.config {
-        Some(p) => serde_json::from_str(
+        Some(p) => TgcConfig::from_json(
             &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
         )
         .with_context(|| format!("parsing {}", p.display()))?,

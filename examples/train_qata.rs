@@ -219,7 +219,7 @@ fn run() -> Result<()> {
         .clone()
         .unwrap_or_else(|| repo.join("../shared/data/qata-cov19"));
     let mut cfg: TgcConfig = match &args.config {
-        Some(p) => serde_json::from_str(
+        Some(p) => TgcConfig::from_json(
             &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
         )
         .with_context(|| format!("parsing {}", p.display()))?,

@@ -526,7 +526,7 @@ fn checkpoint_config(path: &Path) -> Result<TgcConfig> {
     let ck = tgc_train::load_checkpoint(path, &Device::Cpu)
         .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
     let json = ck.meta(CONFIG_METADATA_KEY)?;
-    let cfg: TgcConfig = serde_json::from_str(json).with_context(|| {
+    let cfg = TgcConfig::from_json(json).with_context(|| {
         format!(
             "checkpoint {}: invalid model config in metadata `{CONFIG_METADATA_KEY}`",
             path.display()

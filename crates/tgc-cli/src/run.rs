@@ -236,7 +236,14 @@ where
         }
         merge(&mut v, o);
     }
-    serde_json::from_value(v).with_context(|| format!("invalid [{what}] settings"))
+    let parsed: T =
+        serde_json::from_value(v.clone()).with_context(|| format!("invalid [{what}] settings"))?;
+    // A misspelt nested field (`sse = { mod = "cnn_only" }`) would otherwise be dropped.
+    let unknown = tgc_model::unknown_fields(&v, &serde_json::to_value(&parsed)?);
+    if !unknown.is_empty() {
+        bail!("[{what}] has unknown fields: {}", unknown.join(", "));
+    }
+    Ok(parsed)
 }
 
 /// The model config: the preset with the `[model]` overrides, validated.
@@ -401,6 +408,10 @@ mod tests {
         let t: toml::Table = toml::from_str("epoch = 3").unwrap();
         let e = apply_overrides(&TrainConfig::default(), Some(&t), "train").unwrap_err();
         assert!(format!("{e:#}").contains("`epoch`"), "{e:#}");
+        // A misspelt field inside a nested table is caught too.
+        let t: toml::Table = toml::from_str("sse = { mod = \"cnn_only\" }").unwrap();
+        let e = model_config("tiny", Some(&t)).unwrap_err();
+        assert!(format!("{e:#}").contains("`sse.mod`"), "{e:#}");
         let t: toml::Table = toml::from_str("epochs = \"many\"").unwrap();
         assert!(apply_overrides(&TrainConfig::default(), Some(&t), "train").is_err());
         let t: toml::Table = toml::from_str("epochs = 3\nmax_steps = 20").unwrap();

@@ -138,6 +138,42 @@ impl Default for TgcConfig {
 }
 
 impl TgcConfig {
+    /// Parses a config from JSON (a `--config` file or a checkpoint's metadata), refusing
+    /// fields this version does not know: serde's defaults would otherwise drop a typo or
+    /// a field added by a newer version silently, and the model built would not be the
+    /// one described. Missing fields take their defaults, as configs written before a
+    /// field existed must still load.
+    ///
+    /// ```
+    /// use tgc_model::TgcConfig;
+    /// let json = serde_json::to_string(&TgcConfig::tiny()).unwrap();
+    /// assert_eq!(TgcConfig::from_json(&json).unwrap(), TgcConfig::tiny());
+    /// let typo = json.replacen("\"label_size\"", "\"label_sise\"", 1);
+    /// let err = TgcConfig::from_json(&typo).unwrap_err().to_string();
+    /// assert!(err.contains("label_sise"), "{err}");
+    /// ```
+    pub fn from_json(json: &str) -> Result<Self> {
+        let raw: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| Error::Config(format!("invalid JSON: {e}")))?;
+        Self::from_json_value(raw)
+    }
+
+    /// [`TgcConfig::from_json`] on an already parsed value.
+    pub fn from_json_value(raw: serde_json::Value) -> Result<Self> {
+        let cfg: Self = serde_json::from_value(raw.clone())
+            .map_err(|e| Error::Config(format!("not a TgcConfig: {e}")))?;
+        let known = serde_json::to_value(&cfg).map_err(|e| Error::Config(e.to_string()))?;
+        let unknown = unknown_fields(&raw, &known);
+        if !unknown.is_empty() {
+            return Err(Error::Config(format!(
+                "unknown field{} {} (a typo, or a config written by a newer version of tgc)",
+                if unknown.len() > 1 { "s" } else { "" },
+                unknown.join(", ")
+            )));
+        }
+        Ok(cfg)
+    }
+
     /// The paper: CLIP ViT-L/14 at 336 px (24x24 grid), CNN at 768 px, D = 256, six
     /// MSDeformAttn layers, decoder hidden 128; about 10.3M trainable parameters.
     pub fn paper() -> Self {
@@ -465,4 +501,38 @@ impl TgcConfig {
         }
         format!("{}-{}-{h:016x}", self.preset, self.clip_size)
     }
+}
+
+/// Dotted paths (in backticks) of the object keys in `raw` that are absent from `known`,
+/// the same config after a deserialise-serialise round trip: the fields serde's defaults
+/// dropped. Explicit nulls are skipped, as an `Option` field this version knows
+/// serialises as null and one it does not know disappears. Works for any config struct
+/// without `deny_unknown_fields` ([`TgcConfig`], `TrainConfig`, ...).
+///
+/// ```
+/// let raw = serde_json::json!({"a": 1, "b": {"c": 2, "typo": 3}, "gone": null});
+/// let known = serde_json::json!({"a": 1, "b": {"c": 2}});
+/// assert_eq!(tgc_model::unknown_fields(&raw, &known), vec!["`b.typo`".to_string()]);
+/// ```
+pub fn unknown_fields(raw: &serde_json::Value, known: &serde_json::Value) -> Vec<String> {
+    fn walk(p: &str, raw: &serde_json::Value, known: &serde_json::Value, out: &mut Vec<String>) {
+        let (serde_json::Value::Object(r), serde_json::Value::Object(k)) = (raw, known) else {
+            return;
+        };
+        for (key, v) in r {
+            let q = if p.is_empty() {
+                key.clone()
+            } else {
+                format!("{p}.{key}")
+            };
+            match k.get(key) {
+                Some(kv) => walk(&q, v, kv, out),
+                None if !v.is_null() => out.push(format!("`{q}`")),
+                None => {}
+            }
+        }
+    }
+    let mut out = vec![];
+    walk("", raw, known, &mut out);
+    out
 }

@@ -70,7 +70,7 @@ mod model;
 pub mod text;
 mod towers;
 
-pub use config::{ClipFinetune, TextMode, TextTower, TgcConfig};
+pub use config::{unknown_fields, ClipFinetune, TextMode, TextTower, TgcConfig};
 pub use device::select_device;
 pub use error::{Error, Result};
 pub use model::{

@@ -517,11 +517,27 @@ impl TgcNet {
             let found: serde_json::Value =
                 serde_json::from_str(json).map_err(|e| corrupt(e.to_string()))?;
             // Fields added since the checkpoint was written (e.g. `clip_finetune`) take
-            // their defaults, as deserialising the stored config would give.
-            let found = serde_json::from_value::<TgcConfig>(found.clone())
-                .ok()
-                .and_then(|c| serde_json::to_value(c).ok())
-                .unwrap_or(found);
+            // their defaults, as deserialising the stored config would give; fields this
+            // version does not know (a checkpoint from a newer tgc) are refused by name
+            // rather than dropped. A config that does not parse at all is compared as
+            // stored, so the error lists what differs.
+            let found = match serde_json::from_value::<TgcConfig>(found.clone()) {
+                Ok(c) => {
+                    let known =
+                        serde_json::to_value(c).map_err(|e| Error::Config(e.to_string()))?;
+                    let unknown = crate::unknown_fields(&found, &known);
+                    if !unknown.is_empty() {
+                        return Err(Error::Config(format!(
+                            "{}: its model config has fields this version of tgc does not \
+                             know: {} (written by a newer version?)",
+                            path.display(),
+                            unknown.join(", ")
+                        )));
+                    }
+                    known
+                }
+                Err(_) => found,
+            };
             let ours = serde_json::to_value(&self.cfg).map_err(|e| Error::Config(e.to_string()))?;
             let diffs = config_diff(&ours, &found);
             if !diffs.is_empty() {

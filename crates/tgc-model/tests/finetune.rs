@@ -246,6 +246,68 @@ fn finetuned_checkpoints_round_trip_and_frozen_ones_are_rejected() {
     frozen.load_weights(&old).unwrap();
     let err = b.load_weights(&old).unwrap_err().to_string();
     assert!(err.contains("clip_finetune"), "{err}");
+
+    // One written by a newer version, with a field this one does not know, is refused
+    // by name instead of loading as a different model or failing on a tensor shape.
+    let mut v: serde_json::Value = serde_json::from_str(json).unwrap();
+    v["decoder"]["future_stage"] = serde_json::json!({"heads": 4});
+    let newer = dir.path().join("newer.safetensors");
+    let meta = HashMap::from([(tgc_model::CONFIG_METADATA_KEY.to_string(), v.to_string())]);
+    safetensors::serialize_to_file(tensors.iter(), Some(meta), &newer).unwrap();
+    let err = frozen.load_weights(&newer).unwrap_err().to_string();
+    assert!(
+        err.contains("`decoder.future_stage`") && err.contains("newer.safetensors"),
+        "{err}"
+    );
+    // An explicit null for a field this version lacks carries no setting: it loads.
+    let mut v: serde_json::Value = serde_json::from_str(json).unwrap();
+    v["decoder"]["future_stage"] = serde_json::Value::Null;
+    let meta = HashMap::from([(tgc_model::CONFIG_METADATA_KEY.to_string(), v.to_string())]);
+    safetensors::serialize_to_file(tensors.iter(), Some(meta), &newer).unwrap();
+    frozen.load_weights(&newer).unwrap();
+}
+
+#[test]
+fn strict_config_parsing_names_unknown_fields() {
+    let mut v = serde_json::to_value(TgcConfig::tiny()).unwrap();
+    assert_eq!(
+        TgcConfig::from_json_value(v.clone()).unwrap(),
+        TgcConfig::tiny()
+    );
+    // Missing fields take defaults (configs written before a field existed).
+    v.as_object_mut().unwrap().remove("clip_finetune");
+    assert_eq!(
+        TgcConfig::from_json_value(v.clone()).unwrap(),
+        TgcConfig::tiny()
+    );
+    v["sse"]["msda"]["n_pionts"] = 4.into();
+    v["labelsize"] = 224.into();
+    let err = TgcConfig::from_json_value(v).unwrap_err().to_string();
+    assert!(
+        err.contains("`sse.msda.n_pionts`") && err.contains("`labelsize`"),
+        "{err}"
+    );
+    let err = TgcConfig::from_json("{not json").unwrap_err().to_string();
+    assert!(err.contains("invalid JSON"), "{err}");
+}
+
+#[test]
+fn committed_configs_parse_strictly_and_validate() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut n = 0;
+    for dir in [root.clone(), root.join("probes")] {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "json") {
+                let cfg = TgcConfig::from_json(&std::fs::read_to_string(&p).unwrap())
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                cfg.validate()
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                n += 1;
+            }
+        }
+    }
+    assert!(n >= 5, "only {n} configs found under {}", root.display());
 }
 
 #[test]
