@@ -74,6 +74,14 @@ struct Args {
     /// Use only the first N validation images.
     #[arg(long)]
     val_count: Option<usize>,
+    /// Use N training images spread evenly over the folder instead of the first N: the
+    /// folder lists its 2,951 covid_* images before its 2,765 sub-* ones, so the first N
+    /// come from one source.
+    #[arg(long, conflicts_with = "train_count")]
+    train_sample: Option<usize>,
+    /// Use N validation images spread evenly over the folder instead of the first N.
+    #[arg(long, conflicts_with = "val_count")]
+    val_sample: Option<usize>,
     /// Output folder for checkpoints, metrics, plots and overlays.
     #[arg(long, default_value = "runs/qata")]
     out: PathBuf,
@@ -155,11 +163,17 @@ fn weights(spec: &str) -> WeightSource {
 }
 
 /// The first `n` samples of `ds` (all of them for `None`).
-fn first(ds: Arc<dyn SegDataset>, n: Option<usize>) -> Arc<dyn SegDataset> {
-    match n {
-        Some(n) if n < ds.len() => Arc::new(Subset::new(ds, (0..n).collect())),
+fn first(
+    ds: Arc<dyn SegDataset>,
+    count: Option<usize>,
+    sample: Option<usize>,
+) -> Result<Arc<dyn SegDataset>> {
+    Ok(match (count, sample) {
+        (_, Some(0)) | (Some(0), _) => bail!("a subset of 0 images leaves nothing to train on"),
+        (_, Some(n)) => Arc::new(Subset::evenly_spaced(ds, n)),
+        (Some(n), None) if n < ds.len() => Arc::new(Subset::new(ds, (0..n).collect())),
         _ => ds,
-    }
+    })
 }
 
 /// A dataset whose captions are permuted across images with a fixed seed: image `i`
@@ -252,8 +266,8 @@ fn run() -> Result<()> {
             .with_context(|| format!("opening {}", root.display()))?,
     );
     let val: Arc<dyn SegDataset> = Arc::new(LvitDataset::open(&root, Split::Val)?);
-    let train = first(train, args.train_count);
-    let val = first(val, args.val_count);
+    let train = first(train, args.train_count, args.train_sample)?;
+    let val = first(val, args.val_count, args.val_sample)?;
     println!("QaTa-COV19: {} train, {} val", train.len(), val.len());
 
     let pre = Preprocess {
@@ -293,7 +307,7 @@ fn run() -> Result<()> {
                 &probe,
                 tc,
                 train.clone(),
-                first(val.clone(), Some(1)),
+                first(val.clone(), Some(1), None)?,
                 pre,
                 args.out.join("probe"),
             )?;

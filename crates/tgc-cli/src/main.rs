@@ -159,6 +159,11 @@ struct EvalArgs {
     /// --volumes: the first N volumes, after --last-volumes).
     #[arg(long)]
     count: Option<usize>,
+    /// Evaluate N images spread evenly over the --data split (image k * len / N for
+    /// k < N) instead of the first N: LViT folders list images by name, and QaTa-COV19's
+    /// names start with their source (its first 2,951 training images are all covid_*).
+    #[arg(long, requires = "data", conflicts_with = "count")]
+    sample: Option<usize>,
     /// Write per-image scores (id, dice, iou, lesion_share: the mask's foreground share
     /// of the image) to this CSV file; with --volumes, per volume and organ (volume,
     /// organ, dice, predicted_voxels, true_voxels).
@@ -578,7 +583,14 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
         return eval_volumes(&a, root, &model);
     }
     let ds: Arc<dyn SegDataset> = match (&a.data, &a.phantoms) {
-        (Some(root), _) => run::head(run::lvit(root, run::split(&a.split)?)?, a.count),
+        (Some(root), _) => {
+            let ds = run::lvit(root, run::split(&a.split)?)?;
+            match a.sample {
+                Some(0) => bail!("--sample 0: sample at least one image"),
+                Some(n) => run::evenly_spaced(ds, n),
+                None => run::head(ds, a.count),
+            }
+        }
         (None, Some(kind)) => run::phantoms(
             run::phantom_kind(kind)?,
             false,

@@ -299,6 +299,11 @@ pub fn head(ds: Arc<dyn SegDataset>, n: Option<usize>) -> Arc<dyn SegDataset> {
     }
 }
 
+/// Keeps `n` samples spread evenly over a dataset ([`tgc_data::Subset::evenly_spaced`]).
+pub fn evenly_spaced(ds: Arc<dyn SegDataset>, n: usize) -> Arc<dyn SegDataset> {
+    Arc::new(tgc_data::Subset::evenly_spaced(ds, n))
+}
+
 /// Opens an LViT split, with an error naming the folder.
 pub fn lvit(root: &Path, split: Split) -> Result<Arc<dyn SegDataset>> {
     let ds = LvitDataset::open(root, split)

@@ -232,6 +232,47 @@ fn train_eval_predict_on_phantoms() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("mirror") && err.contains("flip"), "{err}");
 
+    // --sample N scores images k * len / N of the split, not its first N: on QaTa's
+    // training folder (covid_* names before sub-* ones) that reaches both sources.
+    let qata = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/qata-cov19");
+    let train = tgc_data::LvitDataset::open(&qata, tgc_data::Split::Train).expect("QaTa");
+    let sampled_csv = dir.path().join("sampled.csv");
+    let s = stdout_of(
+        tgc()
+            .args(["eval", "--split", "train", "--sample", "4", "--csv"])
+            .arg(&sampled_csv)
+            .arg("--data")
+            .arg(&qata)
+            .arg("--checkpoint")
+            .arg(&ck),
+    );
+    assert!(s.contains("4 evenly spaced of 5716"), "{s}");
+    let ids: Vec<String> = std::fs::read_to_string(&sampled_csv)
+        .expect("csv")
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().to_string())
+        .collect();
+    let want: Vec<String> = [0, 1429, 2858, 4287]
+        .iter()
+        .map(|&i| train.get(i).expect("sample").id)
+        .collect();
+    assert_eq!(ids, want);
+    assert!(
+        ids[0].starts_with("covid") && ids[3].starts_with("sub-"),
+        "{ids:?}"
+    );
+    let out = tgc()
+        .args(["eval", "--sample", "4", "--count", "4", "--data"])
+        .arg(&qata)
+        .arg("--checkpoint")
+        .arg(&ck)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--sample") && err.contains("--count"), "{err}");
+
     // predict: a 96 px phantom -> mask at the input size, or at the label size (64).
     let img = dir.path().join("x.png");
     let (caption, size) = write_phantom(&img, 96);

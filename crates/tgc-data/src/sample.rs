@@ -205,6 +205,41 @@ impl<D: SegDataset> Subset<D> {
             name,
         }
     }
+
+    /// `n` samples spread evenly over `inner` (index `k * len / n` for `k < n`; all of
+    /// `inner` when `n >= len`).
+    ///
+    /// Prefer this to the first `n` when a folder is sorted by name and the names encode
+    /// the source: QaTa-COV19's training folder lists its 2,951 `covid_*` images before
+    /// its 2,765 `sub-*` ones, so its first 1,429 images come from one source only.
+    ///
+    /// ```
+    /// use tgc_data::{PhantomKind, SegDataset, Subset, SyntheticPhantoms};
+    /// let ds = SyntheticPhantoms::new(PhantomKind::CtSlice, 10, 1, 32);
+    /// let sub = Subset::evenly_spaced(ds, 4);
+    /// assert_eq!(sub.indices(), &[0, 2, 5, 7]);
+    /// assert_eq!(sub.len(), 4);
+    /// ```
+    pub fn evenly_spaced(inner: D, n: usize) -> Self {
+        let len = inner.len();
+        let indices = if n >= len {
+            (0..len).collect()
+        } else {
+            (0..n).map(|k| k * len / n).collect()
+        };
+        let mut s = Self::new(inner, indices);
+        s.name = format!(
+            "{}[{} evenly spaced of {len}]",
+            s.inner.name(),
+            s.indices.len()
+        );
+        s
+    }
+
+    /// Indices into the inner dataset, in order.
+    pub fn indices(&self) -> &[usize] {
+        &self.indices
+    }
 }
 
 impl<D: SegDataset> SegDataset for Subset<D> {

@@ -260,3 +260,44 @@ fn nifti_layouts_msd_and_abdomenct1k() {
     assert_eq!(total as u64, fx["spleen_voxels"].as_u64().unwrap());
     assert_eq!(ds.get(0).unwrap().caption, "liver");
 }
+
+/// QaTa-COV19's training folder is sorted by name with one source per prefix, so the
+/// first N images come from one source while an evenly spaced subset keeps the mix. The
+/// oracle is a directory listing of the image folder, independent of the loader.
+#[test]
+fn evenly_spaced_subset_keeps_the_source_mix() {
+    let root = data().join("qata-cov19");
+    let names: Vec<String> = std::fs::read_dir(root.join("Train_Folder/img"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let sub_share =
+        names.iter().filter(|n| n.starts_with("sub-")).count() as f64 / names.len() as f64;
+    assert!(sub_share > 0.3 && sub_share < 0.7, "{sub_share}");
+
+    let ds = std::sync::Arc::new(LvitDataset::open(&root, Split::Train).unwrap());
+    assert_eq!(ds.len(), names.len());
+    let is_sub = |i: usize| {
+        let (img, _) = ds.paths(i).unwrap();
+        img.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("sub-")
+    };
+    let n = 1429;
+    let first = (0..n).filter(|&i| is_sub(i)).count();
+    assert_eq!(first, 0, "the first {n} names are all covid_*");
+
+    let even = Subset::evenly_spaced(ds.clone(), n);
+    assert_eq!(even.len(), n);
+    let even_sub = even.indices().iter().filter(|&&i| is_sub(i)).count() as f64 / n as f64;
+    assert!(
+        (even_sub - sub_share).abs() < 2.0 / n as f64 + 1e-9,
+        "evenly spaced share {even_sub} vs folder share {sub_share}"
+    );
+    // Evenly spaced indices are strictly increasing and span the folder.
+    assert!(even.indices().windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(even.indices()[0], 0);
+    assert!(*even.indices().last().unwrap() >= ds.len() - ds.len() / n - 1);
+}
