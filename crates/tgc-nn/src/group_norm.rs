@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
-use crate::layer_norm::{row_stats, Float};
+use crate::layer_norm::{row_stats, Float, Kernel3};
 
 /// Group geometry of a contiguous `N x C x spatial...` tensor.
 #[derive(Clone, Copy, Debug)]
@@ -130,27 +130,15 @@ impl CustomOp3 for GroupNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(forward(
-                    crate::contiguous_slice(x, l1, "group_norm: input")?,
-                    crate::contiguous_slice(w, l2, "group_norm: weight")?,
-                    crate::contiguous_slice(b, l3, "group_norm: bias")?,
-                    self.groups,
-                    self.eps,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(forward(
-                    crate::contiguous_slice(x, l1, "group_norm: input")?,
-                    crate::contiguous_slice(w, l2, "group_norm: weight")?,
-                    crate::contiguous_slice(b, l3, "group_norm: bias")?,
-                    self.groups,
-                    self.eps,
-                ))
-            }
-            _ => candle_core::bail!("group_norm: input, weight and bias must all be f32 or f64"),
-        };
+        let out = crate::layer_norm::cpu_kernel3(
+            self,
+            [
+                (s1, l1, "group_norm: input"),
+                (s2, l2, "group_norm: weight"),
+                (s3, l3, "group_norm: bias"),
+            ],
+            "group_norm: input, weight and bias must all be f32 or f64",
+        )?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -185,6 +173,18 @@ struct GroupNormBackward {
     eps: f64,
 }
 
+impl Kernel3 for GroupNormOp {
+    fn run<T: Float>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+        forward(x, w, b, self.groups, self.eps)
+    }
+}
+
+impl Kernel3 for GroupNormBackward {
+    fn run<T: Float>(&self, x: &[T], w: &[T], g: &[T]) -> Vec<T> {
+        backward(x, w, g, self.groups, self.eps)
+    }
+}
+
 impl CustomOp3 for GroupNormBackward {
     fn name(&self) -> &'static str {
         "tgc-group-norm-bwd"
@@ -199,27 +199,15 @@ impl CustomOp3 for GroupNormBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                CpuStorage::F32(backward(
-                    crate::contiguous_slice(x, l1, "group_norm: input")?,
-                    crate::contiguous_slice(w, l2, "group_norm: weight")?,
-                    crate::contiguous_slice(g, l3, "group_norm: gradient")?,
-                    self.groups,
-                    self.eps,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                CpuStorage::F64(backward(
-                    crate::contiguous_slice(x, l1, "group_norm: input")?,
-                    crate::contiguous_slice(w, l2, "group_norm: weight")?,
-                    crate::contiguous_slice(g, l3, "group_norm: gradient")?,
-                    self.groups,
-                    self.eps,
-                ))
-            }
-            _ => candle_core::bail!("group_norm backward: only f32 and f64 are supported"),
-        };
+        let out = crate::layer_norm::cpu_kernel3(
+            self,
+            [
+                (s1, l1, "group_norm: input"),
+                (s2, l2, "group_norm: weight"),
+                (s3, l3, "group_norm: gradient"),
+            ],
+            "group_norm backward: only f32 and f64 are supported",
+        )?;
         let len = l1.shape().elem_count() + 2 * l2.shape().elem_count();
         Ok((out, Shape::from(len)))
     }

@@ -52,6 +52,34 @@ macro_rules! impl_float {
 impl_float!(f32);
 impl_float!(f64);
 
+/// A fused three-input CPU kernel, written once for both float types the fused ops take.
+pub(crate) trait Kernel3 {
+    fn run<T: Float>(&self, a: &[T], b: &[T], c: &[T]) -> Vec<T>;
+}
+
+/// Runs `k` on three contiguous CPU storages of one float type: `names[i]` names input
+/// `i` in the not-contiguous error, `dtype_error` is the error for other dtypes.
+pub(crate) fn cpu_kernel3(
+    k: &impl Kernel3,
+    inputs: [(&CpuStorage, &Layout, &str); 3],
+    dtype_error: &str,
+) -> Result<CpuStorage> {
+    let [(s1, l1, n1), (s2, l2, n2), (s3, l3, n3)] = inputs;
+    Ok(match (s1, s2, s3) {
+        (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => CpuStorage::F32(k.run(
+            crate::contiguous_slice(a, l1, n1)?,
+            crate::contiguous_slice(b, l2, n2)?,
+            crate::contiguous_slice(c, l3, n3)?,
+        )),
+        (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => CpuStorage::F64(k.run(
+            crate::contiguous_slice(a, l1, n1)?,
+            crate::contiguous_slice(b, l2, n2)?,
+            crate::contiguous_slice(c, l3, n3)?,
+        )),
+        _ => candle_core::bail!("{dtype_error}"),
+    })
+}
+
 /// Mean and `1 / sqrt(var + eps)` of one row (two-pass variance, as PyTorch).
 #[inline(always)]
 pub(crate) fn row_stats<T: Float>(x: &[T], eps: T) -> (T, T) {
@@ -159,25 +187,15 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(forward(
-                    crate::contiguous_slice(x, l1, "layer_norm: input")?,
-                    crate::contiguous_slice(w, l2, "layer_norm: weight")?,
-                    crate::contiguous_slice(b, l3, "layer_norm: bias")?,
-                    self.eps,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(forward(
-                    crate::contiguous_slice(x, l1, "layer_norm: input")?,
-                    crate::contiguous_slice(w, l2, "layer_norm: weight")?,
-                    crate::contiguous_slice(b, l3, "layer_norm: bias")?,
-                    self.eps,
-                ))
-            }
-            _ => candle_core::bail!("layer_norm: input, weight and bias must all be f32 or f64"),
-        };
+        let out = crate::layer_norm::cpu_kernel3(
+            self,
+            [
+                (s1, l1, "layer_norm: input"),
+                (s2, l2, "layer_norm: weight"),
+                (s3, l3, "layer_norm: bias"),
+            ],
+            "layer_norm: input, weight and bias must all be f32 or f64",
+        )?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -204,6 +222,18 @@ struct LayerNormBackward {
     eps: f64,
 }
 
+impl Kernel3 for LayerNormOp {
+    fn run<T: Float>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+        forward(x, w, b, self.eps)
+    }
+}
+
+impl Kernel3 for LayerNormBackward {
+    fn run<T: Float>(&self, x: &[T], w: &[T], g: &[T]) -> Vec<T> {
+        backward(x, w, g, self.eps)
+    }
+}
+
 impl CustomOp3 for LayerNormBackward {
     fn name(&self) -> &'static str {
         "tgc-layer-norm-bwd"
@@ -218,25 +248,15 @@ impl CustomOp3 for LayerNormBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                CpuStorage::F32(backward(
-                    crate::contiguous_slice(x, l1, "layer_norm: input")?,
-                    crate::contiguous_slice(w, l2, "layer_norm: weight")?,
-                    crate::contiguous_slice(g, l3, "layer_norm: gradient")?,
-                    self.eps,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                CpuStorage::F64(backward(
-                    crate::contiguous_slice(x, l1, "layer_norm: input")?,
-                    crate::contiguous_slice(w, l2, "layer_norm: weight")?,
-                    crate::contiguous_slice(g, l3, "layer_norm: gradient")?,
-                    self.eps,
-                ))
-            }
-            _ => candle_core::bail!("layer_norm backward: only f32 and f64 are supported"),
-        };
+        let out = crate::layer_norm::cpu_kernel3(
+            self,
+            [
+                (s1, l1, "layer_norm: input"),
+                (s2, l2, "layer_norm: weight"),
+                (s3, l3, "layer_norm: gradient"),
+            ],
+            "layer_norm backward: only f32 and f64 are supported",
+        )?;
         let len = l1.shape().elem_count() + 2 * l2.shape().elem_count();
         Ok((out, Shape::from(len)))
     }
