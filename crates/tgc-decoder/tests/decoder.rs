@@ -625,7 +625,7 @@ fn fine_cost_gradients_match_finite_differences() -> R<()> {
     };
     let grads = loss()?.backward()?;
     let vars = varmap.data().lock().unwrap().clone();
-    let eps = 1e-5;
+    let eps = 1e-6;
     let mut checked = 0;
     for name in [
         "fine_cost.0.image.weight",
@@ -640,7 +640,18 @@ fn fine_cost_gradients_match_finite_differences() -> R<()> {
             .flatten_all()?
             .to_vec1::<f64>()?;
         let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
-        for idx in [0, base.len() / 2, base.len() - 1] {
+        // The decoder has ReLUs, so with random inputs a perturbation of 1e-6 sometimes
+        // crosses a kink, where a finite difference says nothing about the gradient.
+        // Such points show up as central differences at eps and eps / 2 that disagree;
+        // they are skipped, and three smooth entries per parameter are required.
+        let n = base.len();
+        let mut smooth = 0;
+        let mut order = vec![0, n / 2, n - 1];
+        order.extend((1..n - 1).filter(|&i| i != n / 2));
+        for idx in order {
+            if smooth == 3 {
+                break;
+            }
             let at = |delta: f64| -> R<f64> {
                 let mut v = base.clone();
                 v[idx] += delta;
@@ -648,19 +659,25 @@ fn fine_cost_gradients_match_finite_differences() -> R<()> {
                 Ok(loss()?.to_scalar::<f64>()?)
             };
             let fd = (at(eps)? - at(-eps)?) / (2.0 * eps);
+            let fd_half = (at(eps / 2.0)? - at(-eps / 2.0)?) / eps;
             var.set(&Tensor::from_vec(
                 base.clone(),
                 var.as_tensor().dims(),
                 &dev,
             )?)?;
+            if (fd - fd_half).abs() > 1e-7 * (1.0 + fd.abs()) {
+                continue;
+            }
             let err = (fd - g[idx]).abs();
             assert!(
                 err <= 1e-6 * (1.0 + fd.abs()),
                 "{name}[{idx}]: analytic {} vs finite difference {fd}",
                 g[idx]
             );
+            smooth += 1;
             checked += 1;
         }
+        assert_eq!(smooth, 3, "{name}: too few entries away from a ReLU kink");
     }
     assert_eq!(checked, 12);
     Ok(())
