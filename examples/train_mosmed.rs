@@ -42,7 +42,8 @@ struct Args {
     /// pretrained CLIP is reachable offline).
     #[arg(long, default_value = "random")]
     clip_weights: String,
-    /// Epochs (default: 10 on phantoms, 100 with early stopping on real data).
+    /// Epochs (default: 10 on phantoms, `TrainConfig::for_phantoms`; 100 with early
+    /// stopping on real data).
     #[arg(long)]
     epochs: Option<usize>,
     /// Peak learning rate (default: the paper's 5e-4 for MosMedData+; 1e-3 on phantoms,
@@ -144,13 +145,13 @@ fn train() -> Result<()> {
                 Arc::new(SyntheticPhantoms::new(PhantomKind::CtSlice, 640, 1, size));
             let val: Arc<dyn SegDataset> =
                 Arc::new(SyntheticPhantoms::new(PhantomKind::CtSlice, 128, 2, size));
+            let recipe = TrainConfig::for_phantoms();
             let tc = TrainConfig {
-                epochs: args.epochs.unwrap_or(10),
-                lr: args.lr.unwrap_or(1e-3),
-                patience: 0,
+                epochs: args.epochs.unwrap_or(recipe.epochs),
+                lr: args.lr.unwrap_or(recipe.lr),
                 data_parallel,
                 seed: data_seed,
-                ..TrainConfig::for_dataset("mosmed")
+                ..recipe
             };
             println!("training on synthetic CT phantoms (the caption names the target lesions)");
             let image_only = |cfg: &TgcConfig| -> Result<f64> {

@@ -242,52 +242,56 @@ fn non_finite_loss_stops_the_run_naming_step_and_batch() {
     );
 }
 
+/// The README's main job (`examples/train_mosmed.rs` with no arguments): the same
+/// phantoms (640 train from seed 1, 128 held out from seed 2), model seeds and
+/// `TrainConfig::for_phantoms`, with two data-parallel parts as on the 2-core machines it
+/// was measured on. The caption decides which of 2-4 identical-looking lesions is the
+/// target, so a model that ignores the text plateaus near 0.59 (segmenting all of them);
+/// the text-guided one must clear it by 10 points. This guards against the main job
+/// silently stalling on that plateau, as it did at lr 3e-3 after a change of rounding.
 #[test]
-fn text_guided_model_beats_the_image_only_one() {
-    // The caption decides which of 2-4 identical-looking lesions is the target: a model
-    // that ignores the text can only guess (Dice around 0.6 for segmenting all of them).
+fn main_job_recipe_reads_the_text() {
     let cfg = TgcConfig::tiny();
     let pre = preprocess(&cfg);
-    let train = phantoms(448, 1, cfg.label_size);
-    let val = phantoms(64, 2, cfg.label_size);
+    let train = phantoms(640, 1, cfg.label_size);
+    let val = phantoms(128, 2, cfg.label_size);
     let tc = TrainConfig {
-        epochs: 5,
-        batch_size: 8,
-        lr: 3e-3,
+        data_parallel: 2,
         progress: false,
         overlays: 0,
-        patience: 0,
-        ..TrainConfig::default()
+        ..TrainConfig::for_phantoms()
     };
     let dir = tempfile::tempdir().unwrap();
-    let full = model(&cfg);
-    let s_full = Trainer::new(
-        &full,
-        tc.clone(),
-        train.clone(),
-        val.clone(),
-        pre,
-        dir.path().join("text"),
-    )
-    .unwrap()
-    .fit()
-    .unwrap();
-    let mut img_cfg = cfg.clone();
-    img_cfg.image_only = true;
-    let img = model(&img_cfg);
-    let s_img = Trainer::new(&img, tc, train, val, pre, dir.path().join("image"))
+    let fit = |cfg: &TgcConfig, out: &str| {
+        Trainer::new(
+            &model(cfg),
+            tc.clone(),
+            train.clone(),
+            val.clone(),
+            pre,
+            dir.path().join(out),
+        )
         .unwrap()
         .fit()
-        .unwrap();
-    println!(
-        "held-out Dice: text {:.3}, image-only {:.3}",
-        s_full.best_val_dice, s_img.best_val_dice
+        .unwrap()
+        .best_val_dice
+    };
+    let text = fit(&cfg, "text");
+    let image_only = fit(
+        &TgcConfig {
+            image_only: true,
+            ..cfg.clone()
+        },
+        "image",
+    );
+    println!("held-out Dice: text {text:.4}, image-only {image_only:.4}");
+    assert!(
+        (0.5..0.65).contains(&image_only),
+        "image-only {image_only:.3} is off the every-lesion plateau"
     );
     assert!(
-        s_full.best_val_dice > s_img.best_val_dice + 0.05,
-        "text-guided {:.3} is not well above image-only {:.3}",
-        s_full.best_val_dice,
-        s_img.best_val_dice
+        text > image_only + 0.10,
+        "text-guided {text:.3} is not well above image-only {image_only:.3}"
     );
 }
 
