@@ -132,7 +132,6 @@ fn train() -> Result<()> {
     let clip = weights(&args.clip_weights);
     let dev = tgc::model::select_device(&args.device)?;
     let init_seed = args.seed.unwrap_or(0);
-    let data_seed = args.seed.unwrap_or(TrainConfig::for_dataset("mosmed").seed);
     let data_parallel = match args.data_parallel {
         0 => tgc::train::default_data_parallel(),
         n => n,
@@ -150,7 +149,7 @@ fn train() -> Result<()> {
                 epochs: args.epochs.unwrap_or(recipe.epochs),
                 lr: args.lr.unwrap_or(recipe.lr),
                 data_parallel,
-                seed: data_seed,
+                seed: args.seed.unwrap_or(recipe.seed),
                 ..recipe
             };
             println!("training on synthetic CT phantoms (the caption names the target lesions)");
@@ -211,7 +210,9 @@ fn train() -> Result<()> {
             }
             tc.cache_dir = Some(args.out.join("feature-cache"));
             tc.data_parallel = data_parallel;
-            tc.seed = data_seed;
+            if let Some(seed) = args.seed {
+                tc.seed = seed;
+            }
             let best = run(
                 cfg,
                 tc,

@@ -162,8 +162,9 @@ fn weights(spec: &str) -> WeightSource {
     }
 }
 
-/// The first `n` samples of `ds` (all of them for `None`).
-fn first(
+/// The first `count` samples of `ds`, or `sample` of them spread evenly over it (all of
+/// them for neither).
+fn subset(
     ds: Arc<dyn SegDataset>,
     count: Option<usize>,
     sample: Option<usize>,
@@ -266,8 +267,8 @@ fn run() -> Result<()> {
             .with_context(|| format!("opening {}", root.display()))?,
     );
     let val: Arc<dyn SegDataset> = Arc::new(LvitDataset::open(&root, Split::Val)?);
-    let train = first(train, args.train_count, args.train_sample)?;
-    let val = first(val, args.val_count, args.val_sample)?;
+    let train = subset(train, args.train_count, args.train_sample)?;
+    let val = subset(val, args.val_count, args.val_sample)?;
     println!("QaTa-COV19: {} train, {} val", train.len(), val.len());
 
     let pre = Preprocess {
@@ -307,7 +308,7 @@ fn run() -> Result<()> {
                 &probe,
                 tc,
                 train.clone(),
-                first(val.clone(), Some(1), None)?,
+                subset(val.clone(), Some(1), None)?,
                 pre,
                 args.out.join("probe"),
             )?;

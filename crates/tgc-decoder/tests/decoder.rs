@@ -626,7 +626,6 @@ fn fine_cost_gradients_match_finite_differences() -> R<()> {
     let grads = loss()?.backward()?;
     let vars = varmap.data().lock().unwrap().clone();
     let eps = 1e-6;
-    let mut checked = 0;
     for name in [
         "fine_cost.0.image.weight",
         "fine_cost.0.text.weight",
@@ -675,11 +674,9 @@ fn fine_cost_gradients_match_finite_differences() -> R<()> {
                 g[idx]
             );
             smooth += 1;
-            checked += 1;
         }
         assert_eq!(smooth, 3, "{name}: too few entries away from a ReLU kink");
     }
-    assert_eq!(checked, 12);
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
-use crate::layer_norm::{row_stats, Float, Kernel3};
+use crate::layer_norm::{cpu_kernel3, row_stats, Float, Kernel3};
 
 /// Group geometry of a contiguous `N x C x spatial...` tensor.
 #[derive(Clone, Copy, Debug)]
@@ -130,7 +130,7 @@ impl CustomOp3 for GroupNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = crate::layer_norm::cpu_kernel3(
+        let out = cpu_kernel3(
             self,
             [
                 (s1, l1, "group_norm: input"),
@@ -199,7 +199,7 @@ impl CustomOp3 for GroupNormBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = crate::layer_norm::cpu_kernel3(
+        let out = cpu_kernel3(
             self,
             [
                 (s1, l1, "group_norm: input"),

@@ -57,8 +57,8 @@ pub(crate) trait Kernel3 {
     fn run<T: Float>(&self, a: &[T], b: &[T], c: &[T]) -> Vec<T>;
 }
 
-/// Runs `k` on three contiguous CPU storages of one float type: `names[i]` names input
-/// `i` in the not-contiguous error, `dtype_error` is the error for other dtypes.
+/// Runs `k` on three contiguous CPU storages of one float type: each input's `&str`
+/// names it in the not-contiguous error, `dtype_error` is the error for other dtypes.
 pub(crate) fn cpu_kernel3(
     k: &impl Kernel3,
     inputs: [(&CpuStorage, &Layout, &str); 3],
@@ -187,7 +187,7 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = crate::layer_norm::cpu_kernel3(
+        let out = cpu_kernel3(
             self,
             [
                 (s1, l1, "layer_norm: input"),
@@ -248,7 +248,7 @@ impl CustomOp3 for LayerNormBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = crate::layer_norm::cpu_kernel3(
+        let out = cpu_kernel3(
             self,
             [
                 (s1, l1, "layer_norm: input"),
