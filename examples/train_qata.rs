@@ -132,6 +132,19 @@ struct Args {
     /// `TrainConfig::scale_range`).
     #[arg(long, value_parser = parse_range, default_value = "1,1")]
     scale: (f32, f32),
+    /// Random contrast of training images about mid-grey, drawn in LO,HI, e.g. `0.8,1.2`
+    /// (default 1,1: off; `TrainConfig::contrast_range`). Contrast, brightness and gamma
+    /// change the image, not the mask; augmented features are recomputed every step.
+    #[arg(long, value_parser = parse_range, default_value = "1,1")]
+    contrast: (f32, f32),
+    /// Random brightness shift of training images up to this much either way, in units
+    /// of the [0, 1] intensity range (0: off; `TrainConfig::max_brightness`).
+    #[arg(long, default_value_t = 0.0)]
+    brightness: f32,
+    /// Random gamma of training images drawn log-uniformly in LO,HI, e.g. `0.8,1.25`
+    /// (default 1,1: off; `TrainConfig::gamma_range`).
+    #[arg(long, value_parser = parse_range, default_value = "1,1")]
+    gamma: (f32, f32),
     /// Seed of the trainable modules' initialisation and of the data order and
     /// augmentation (`TgcNet::new_seeded`, `TrainConfig::seed`). Without it: 0 for the
     /// initialisation and 42 for the data, as every run before the option. Two seeds of
@@ -301,6 +314,9 @@ fn run() -> Result<()> {
                 batch_size: args.batch,
                 max_rotation_deg: args.rotate,
                 scale_range: args.scale,
+                contrast_range: args.contrast,
+                max_brightness: args.brightness,
+                gamma_range: args.gamma,
                 ema_decay: args.ema,
                 ..TrainConfig::for_dataset("qata")
             };
@@ -347,6 +363,9 @@ fn run() -> Result<()> {
         batch_size: args.batch,
         max_rotation_deg: args.rotate,
         scale_range: args.scale,
+        contrast_range: args.contrast,
+        max_brightness: args.brightness,
+        gamma_range: args.gamma,
         patience: args.patience,
         ema_decay: args.ema,
         seed: args.seed.unwrap_or(TrainConfig::for_dataset("qata").seed),

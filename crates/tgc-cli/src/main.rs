@@ -75,7 +75,7 @@ enum Cmd {
 struct TrainArgs {
     /// Run file (TOML). Every field is optional: preset, data, phantoms, a volumes table
     /// (root, layout, organs, val_volumes, window_level, window_width), out,
-    /// clip_weights, train_count, val_count, a model table (TgcConfig overrides merged into
+    /// clip_weights, train_count, val_count, train_sample, val_sample, a model table (TgcConfig overrides merged into
     /// the preset) and a train table (TrainConfig overrides). Relative paths in it are
     /// relative to the working directory. Flags below win over the file.
     #[arg(long)]
@@ -417,6 +417,12 @@ fn train(a: TrainArgs, dev: &Device) -> Result<()> {
     if sources.iter().filter(|&&s| s).count() > 1 {
         bail!("more than one of data, phantoms and volumes is set; choose one");
     }
+    if data.is_none() && (file.train_sample.is_some() || file.val_sample.is_some()) {
+        bail!(
+            "train_sample and val_sample apply to real data (data = \"DIR\" or --data) only; \
+             use train_count and val_count for phantoms"
+        );
+    }
     let (train_ds, val_ds) = match (&data, &phantoms) {
         _ if volumes.is_some() => {
             let spec = volumes.as_mut().context("volumes")?;
@@ -425,8 +431,18 @@ fn train(a: TrainArgs, dev: &Device) -> Result<()> {
             (split.train, split.val)
         }
         (Some(root), None) => (
-            run::lvit(root, tgc_data::Split::Train)?,
-            run::head(run::lvit(root, tgc_data::Split::Val)?, file.val_count),
+            run::pick(
+                run::lvit(root, tgc_data::Split::Train)?,
+                file.train_count,
+                file.train_sample,
+                "train",
+            )?,
+            run::pick(
+                run::lvit(root, tgc_data::Split::Val)?,
+                file.val_count,
+                file.val_sample,
+                "val",
+            )?,
         ),
         (None, Some(kind)) => {
             let kind = run::phantom_kind(kind)?;
@@ -473,10 +489,11 @@ fn train(a: TrainArgs, dev: &Device) -> Result<()> {
 
     let pre = preprocess_of(&cfg);
     println!(
-        "preset {preset}: {} train / {} val images ({}), out {}",
+        "preset {preset}: {} train / {} val images ({}; {}), out {}",
         train_ds.len(),
         val_ds.len(),
         train_ds.name(),
+        val_ds.name(),
         out.display()
     );
     let model = build_model(cfg, &run::weight_source(&clip_spec), dev)?;

@@ -27,8 +27,10 @@ pub const PHANTOM_VAL: usize = 128;
 /// # [volumes] root = "..."     # or labelled CT volumes (see VolumesSpec)
 /// out = "runs/qata"
 /// clip_weights = "random"      # random | file.safetensors | dir | hub:<repo>
-/// train_count = 640            # phantom images for training (default 640)
+/// train_count = 640            # phantom images for training (default 640), or the first N real ones
 /// val_count = 128              # phantom (or first N real) validation images
+/// # train_sample = 1000        # real data: N training images spread evenly over the split
+/// # val_sample = 200           # real data: N validation images spread evenly over the split
 /// [model]                      # any TgcConfig field, merged into the preset
 /// text_mode = "main_only"
 /// sse = { mode = "clip_only" }
@@ -52,10 +54,18 @@ pub struct RunFile {
     pub out: Option<PathBuf>,
     /// Frozen CLIP weights.
     pub clip_weights: Option<String>,
-    /// Phantom training images.
+    /// Training images (phantoms: how many; real data: the first N of the split).
     pub train_count: Option<usize>,
     /// Validation images (phantoms: how many; real data: the first N of the split).
     pub val_count: Option<usize>,
+    /// Real data only: N training images spread evenly over the split (image
+    /// `k * len / N`) instead of the first N, which keeps a folder's sources in
+    /// proportion (QaTa-COV19 lists its 2,951 `covid_*` images before its 2,765 `sub-*`
+    /// ones). Excludes `train_count`.
+    pub train_sample: Option<usize>,
+    /// Real data only: N validation images spread evenly over the split. Excludes
+    /// `val_count`.
+    pub val_sample: Option<usize>,
     /// Overrides merged into the preset's `TgcConfig`.
     pub model: Option<toml::Table>,
     /// Overrides merged into the dataset's default `TrainConfig`.
@@ -296,6 +306,23 @@ pub fn head(ds: Arc<dyn SegDataset>, n: Option<usize>) -> Arc<dyn SegDataset> {
     match n {
         Some(n) if n < ds.len() => Arc::new(Head { inner: ds, n }),
         _ => ds,
+    }
+}
+
+/// The part of a real split a run file asks for: the first `count` images, `sample`
+/// images spread evenly over it, or all of it. `what` (`train` or `val`) names the
+/// fields in errors.
+pub fn pick(
+    ds: Arc<dyn SegDataset>,
+    count: Option<usize>,
+    sample: Option<usize>,
+    what: &str,
+) -> Result<Arc<dyn SegDataset>> {
+    match (count, sample) {
+        (Some(_), Some(_)) => bail!("{what}_count and {what}_sample are both set; choose one"),
+        (_, Some(0)) => bail!("{what}_sample = 0: sample at least one image"),
+        (None, Some(n)) => Ok(evenly_spaced(ds, n)),
+        (count, None) => Ok(head(ds, count)),
     }
 }
 

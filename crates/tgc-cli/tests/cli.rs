@@ -473,6 +473,53 @@ fn unknown_run_file_field_is_named() {
     assert!(err.contains("`epoch`"), "{err}");
 }
 
+/// `train_sample` / `val_sample` in run.toml train and validate on images spread over
+/// QaTa's splits (the names say which), `train_count` takes the first N of real data
+/// too, and the misuses are one-line errors naming the fields.
+#[test]
+fn run_file_samples_real_splits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let qata = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/qata-cov19");
+    let run = |extra: &str| {
+        let cfg = dir.path().join("run.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "preset = \"tiny\"\n{extra}\n[train]\nepochs = 1\nmax_steps = 1\nprogress = false\n\
+                 overlays = 0\n"
+            ),
+        )
+        .expect("write run.toml");
+        let mut cmd = tgc();
+        cmd.args(["train", "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(dir.path().join("out"))
+            .arg("--data")
+            .arg(&qata);
+        cmd
+    };
+    let s = stdout_of(&mut run("train_sample = 6\nval_sample = 4"));
+    assert!(s.contains("6 train / 4 val images"), "{s}");
+    assert!(s.contains("[6 evenly spaced of 5716]"), "{s}");
+    assert!(s.contains("[4 evenly spaced of 1429]"), "{s}");
+    let s = stdout_of(&mut run("train_count = 5\nval_count = 3"));
+    assert!(s.contains("5 train / 3 val images"), "{s}");
+
+    let err = one_line_error(&mut run("train_sample = 6\ntrain_count = 6"));
+    assert!(err.contains("train_count and train_sample"), "{err}");
+    let err = one_line_error(&mut run("val_sample = 0"));
+    assert!(err.contains("val_sample = 0"), "{err}");
+    let cfg = dir.path().join("phantoms.toml");
+    std::fs::write(
+        &cfg,
+        "preset = \"tiny\"\nphantoms = \"ct\"\nval_sample = 4\n",
+    )
+    .expect("write");
+    let err = one_line_error(tgc().args(["train", "--config"]).arg(&cfg));
+    assert!(err.contains("apply to real data"), "{err}");
+}
+
 #[test]
 fn info_total_is_the_sum_of_modules() {
     let s = stdout_of(tgc().args(["info", "--preset", "tiny"]));

@@ -71,9 +71,11 @@ impl Preprocess {
         let img = &sample.image;
         let warp = Warp::new(aug);
         let clip = resample_image(img, self.clip_size, &warp, |c, v| {
-            (v - CLIP_MEAN[c]) / CLIP_STD[c]
+            (aug.intensity(v) - CLIP_MEAN[c]) / CLIP_STD[c]
         });
-        let cnn = resample_image(img, self.cnn_size, &warp, |_, v| (v - 0.5) / 0.5);
+        let cnn = resample_image(img, self.cnn_size, &warp, |_, v| {
+            (aug.intensity(v) - 0.5) / 0.5
+        });
         let mask = resample_mask(&sample.mask, self.label_size, &warp);
         let (caption, aux) = if aug.hflip {
             (
@@ -118,7 +120,13 @@ pub struct Prepared {
 }
 
 /// The augmentation policy of a [`crate::DataLoader`].
+///
+/// Geometric draws (flip, rotation, zoom) move image and mask together; intensity draws
+/// (contrast, brightness, gamma) change the image only, as a different exposure of the
+/// same radiograph would. Every setting at its identity value draws nothing, so turning
+/// one on leaves the draws of the others unchanged for the first sample only.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Augment {
     /// The switch: when false no augmentation is applied.
     pub enabled: bool,
@@ -128,6 +136,15 @@ pub struct Augment {
     pub max_rotation_deg: f32,
     /// Isotropic scale drawn uniformly in [min, max].
     pub scale_range: (f32, f32),
+    /// Contrast factor drawn uniformly in [min, max] ((1, 1): off); see
+    /// [`AugmentParams::intensity`].
+    pub contrast_range: (f32, f32),
+    /// Brightness shift drawn uniformly in [-max, max], in units of the [0, 1] intensity
+    /// range (0: off).
+    pub max_brightness: f32,
+    /// Gamma drawn log-uniformly in [min, max] ((1, 1): off), so that 0.8 and 1.25 are
+    /// equally likely.
+    pub gamma_range: (f32, f32),
 }
 
 impl Default for Augment {
@@ -145,6 +162,9 @@ impl Augment {
             hflip_prob: 0.0,
             max_rotation_deg: 0.0,
             scale_range: (1.0, 1.0),
+            contrast_range: (1.0, 1.0),
+            max_brightness: 0.0,
+            gamma_range: (1.0, 1.0),
         }
     }
     /// Random horizontal flips only: two discrete variants (0, 1), so frozen features can
@@ -172,6 +192,7 @@ impl Augment {
             hflip_prob: 0.5,
             max_rotation_deg: 10.0,
             scale_range: (0.9, 1.1),
+            ..Self::off()
         }
     }
 
@@ -192,10 +213,30 @@ impl Augment {
         } else {
             lo
         };
+        let (lo, hi) = self.contrast_range;
+        let contrast = if hi > lo {
+            rng.range(lo as f64, hi as f64) as f32
+        } else {
+            lo
+        };
+        let brightness = if self.max_brightness > 0.0 {
+            rng.range(-self.max_brightness as f64, self.max_brightness as f64) as f32
+        } else {
+            0.0
+        };
+        let (lo, hi) = self.gamma_range;
+        let gamma = if hi > lo {
+            rng.range((lo as f64).ln(), (hi as f64).ln()).exp() as f32
+        } else {
+            lo
+        };
         AugmentParams {
             hflip,
             rotation_deg,
             scale,
+            contrast,
+            brightness,
+            gamma,
         }
     }
 }
@@ -209,6 +250,12 @@ pub struct AugmentParams {
     pub rotation_deg: f32,
     /// Zoom factor (> 1 enlarges the content).
     pub scale: f32,
+    /// Contrast factor about mid-grey (1: unchanged).
+    pub contrast: f32,
+    /// Brightness shift in units of the [0, 1] intensity range (0: unchanged).
+    pub brightness: f32,
+    /// Gamma applied to the [0, 1] intensities (1: unchanged; < 1 brightens).
+    pub gamma: f32,
 }
 
 impl Default for AugmentParams {
@@ -217,21 +264,60 @@ impl Default for AugmentParams {
             hflip: false,
             rotation_deg: 0.0,
             scale: 1.0,
+            contrast: 1.0,
+            brightness: 0.0,
+            gamma: 1.0,
         }
     }
 }
 
 impl AugmentParams {
-    /// The cache variant id: 0 = identity, 1 = horizontal flip only; any rotation or
-    /// scaling gives a hash with the top bit set (a continuous variant).
+    /// The intensity change of this draw applied to one source value `v` in [0, 1]:
+    /// `clamp(contrast * (v^gamma - 0.5) + 0.5 + brightness, 0, 1)`. The identity when
+    /// contrast, brightness and gamma are at 1, 0 and 1. Applied after resampling, so
+    /// the zeros outside a rotated or zoomed image change with it, as the film would.
+    ///
+    /// ```
+    /// use tgc_data::AugmentParams;
+    /// let a = AugmentParams { contrast: 2.0, brightness: 0.1, gamma: 2.0, ..Default::default() };
+    /// // 0.8^2 = 0.64; 2 * (0.64 - 0.5) + 0.5 + 0.1 = 0.88
+    /// assert!((a.intensity(0.8) - 0.88).abs() < 1e-6);
+    /// assert_eq!(a.intensity(1.0), 1.0); // 1.1, clamped
+    /// assert_eq!(AugmentParams::default().intensity(0.3), 0.3);
+    /// ```
+    #[inline]
+    pub fn intensity(&self, v: f32) -> f32 {
+        if self.contrast == 1.0 && self.brightness == 0.0 && self.gamma == 1.0 {
+            return v;
+        }
+        let g = if self.gamma == 1.0 {
+            v
+        } else {
+            v.max(0.0).powf(self.gamma)
+        };
+        (self.contrast * (g - 0.5) + 0.5 + self.brightness).clamp(0.0, 1.0)
+    }
+
+    /// The cache variant id: 0 = identity, 1 = horizontal flip only; any rotation,
+    /// scaling or intensity change gives a hash with the top bit set (a continuous
+    /// variant).
     pub fn variant(&self) -> u64 {
-        if self.rotation_deg == 0.0 && self.scale == 1.0 {
+        let intensity_identity =
+            self.contrast == 1.0 && self.brightness == 0.0 && self.gamma == 1.0;
+        if self.rotation_deg == 0.0 && self.scale == 1.0 && intensity_identity {
             return self.hflip as u64;
         }
         let mut h = blake3::Hasher::new();
         h.update(&[self.hflip as u8]);
         h.update(&self.rotation_deg.to_le_bytes());
         h.update(&self.scale.to_le_bytes());
+        if !intensity_identity {
+            // Only then, so that geometric variants keep the ids they had before
+            // intensity augmentation existed.
+            h.update(&self.contrast.to_le_bytes());
+            h.update(&self.brightness.to_le_bytes());
+            h.update(&self.gamma.to_le_bytes());
+        }
         let b = h.finalize();
         let mut x = [0u8; 8];
         x.copy_from_slice(&b.as_bytes()[..8]);
@@ -239,7 +325,8 @@ impl AugmentParams {
     }
 
     /// Whether a [`Self::variant`] id is one of the discrete, cacheable variants
-    /// (identity or flip) rather than a continuous one (any rotation or scaling), which
+    /// (identity or flip) rather than a continuous one (any rotation, scaling or
+    /// intensity change), which
     /// almost never repeats and so is not worth caching.
     pub fn is_discrete_variant(variant: u64) -> bool {
         variant >> 63 == 0

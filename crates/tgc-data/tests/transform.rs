@@ -57,6 +57,117 @@ fn resize_matches_torch_interpolate() {
     }
 }
 
+/// Contrast, brightness and gamma change the CLIP and CNN inputs exactly as the formula
+/// says (applied to torch's bilinear resample), and leave the label and caption alone.
+#[test]
+fn intensity_augmentation_changes_the_image_only() {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real_data.json");
+    let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let vals = |k: &str| -> Vec<f32> {
+        fx["resize"][k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let img = vals("image");
+    let s = Sample {
+        id: "r".into(),
+        mask: Mask {
+            height: 5,
+            width: 7,
+            data: img.iter().map(|&v| (v > 0.5) as u8).collect(),
+        },
+        image: ImageF32::grey(5, 7, img).unwrap(),
+        caption: "Bilateral pulmonary infection, left lung.".into(),
+        aux_caption: None,
+    };
+    let pre = Preprocess {
+        clip_size: 3,
+        cnn_size: 9,
+        label_size: 3,
+    };
+    let (contrast, brightness, gamma) = (1.3f64, -0.05f64, 0.7f64);
+    let aug = AugmentParams {
+        contrast: contrast as f32,
+        brightness: brightness as f32,
+        gamma: gamma as f32,
+        ..AugmentParams::default()
+    };
+    let expected = |v: f32| -> f32 {
+        let y = contrast * ((v as f64).powf(gamma) - 0.5) + 0.5 + brightness;
+        y.clamp(0.0, 1.0) as f32
+    };
+    let plain = pre.apply(&s, &AugmentParams::default());
+    let out = pre.apply(&s, &aug);
+    let (mut clamped, mut changed) = (0, 0);
+    for c in 0..3 {
+        for (i, &t) in vals("bilinear_9").iter().enumerate() {
+            let x = out.cnn[c * 81 + i] * 0.5 + 0.5;
+            assert!(
+                (x - expected(t)).abs() < 1e-5,
+                "cnn {i}: {x} vs {}",
+                expected(t)
+            );
+            clamped += (expected(t) == 0.0 || expected(t) == 1.0) as usize;
+            changed += ((x - t).abs() > 1e-3) as usize;
+        }
+        for (i, &t) in vals("bilinear_3").iter().enumerate() {
+            let x = out.clip[c * 9 + i] * CLIP_STD[c] + CLIP_MEAN[c];
+            assert!(
+                (x - expected(t)).abs() < 1e-5,
+                "clip {i}: {x} vs {}",
+                expected(t)
+            );
+        }
+    }
+    assert!(
+        changed > 200,
+        "the intensities hardly changed ({changed} of 243)"
+    );
+    assert!(clamped < 243, "every value clamped: a degenerate case");
+    assert_eq!(out.mask, plain.mask);
+    assert_eq!(out.caption, plain.caption);
+    assert!(!AugmentParams::is_discrete_variant(out.variant));
+    assert_eq!(plain.variant, 0);
+}
+
+/// Intensity draws stay in their ranges (gamma log-uniform, so as often below 1 as
+/// above on (0.8, 1.25)), leave the geometry alone, and an `Augment` written before
+/// these fields existed still reads (as off).
+#[test]
+fn intensity_draws_stay_in_their_ranges() {
+    let policy = Augment {
+        enabled: true,
+        contrast_range: (0.8, 1.2),
+        max_brightness: 0.1,
+        gamma_range: (0.8, 1.25),
+        ..Augment::off()
+    };
+    let mut rng = SplitMix64::new(7);
+    let n = 4000;
+    let mut below_one = 0;
+    for _ in 0..n {
+        let a = policy.draw(&mut rng);
+        assert!((0.8..=1.2).contains(&a.contrast), "{a:?}");
+        assert!((-0.1..=0.1).contains(&a.brightness), "{a:?}");
+        assert!((0.8..=1.25).contains(&a.gamma), "{a:?}");
+        assert!(!a.hflip && a.rotation_deg == 0.0 && a.scale == 1.0, "{a:?}");
+        below_one += (a.gamma < 1.0) as usize;
+    }
+    let share = below_one as f64 / n as f64;
+    assert!(
+        (share - 0.5).abs() < 0.03,
+        "gamma below 1 in {share} of draws"
+    );
+
+    let old =
+        r#"{"enabled":true,"hflip_prob":0.5,"max_rotation_deg":10.0,"scale_range":[0.9,1.1]}"#;
+    let read: Augment = serde_json::from_str(old).unwrap();
+    assert_eq!(read, Augment::full());
+}
+
 #[test]
 fn axis_aligned_fast_path_equals_general_path() {
     // A rotation of 1e-7 degrees takes the general per-pixel path; 0 takes the separable
@@ -84,8 +195,8 @@ fn axis_aligned_fast_path_equals_general_path() {
         for (hflip, scale) in [(false, 1.0), (true, 1.0), (true, 1.13), (false, 0.9)] {
             let a = AugmentParams {
                 hflip,
-                rotation_deg: 0.0,
                 scale,
+                ..AugmentParams::default()
             };
             let b = AugmentParams {
                 rotation_deg: 1e-7,

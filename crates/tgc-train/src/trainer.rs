@@ -4,7 +4,9 @@
 //! prompt and kept in a [`FeatureStore`] (in memory, plus an on-disk
 //! [`tgc_data::FeatureCache`] for images when a cache folder is given); every step then
 //! runs only the trainable modules. Random rotations and zooms
-//! ([`TrainConfig::max_rotation_deg`], [`TrainConfig::scale_range`]) give continuous
+//! ([`TrainConfig::max_rotation_deg`], [`TrainConfig::scale_range`]) and random
+//! contrast, brightness and gamma ([`TrainConfig::contrast_range`],
+//! [`TrainConfig::max_brightness`], [`TrainConfig::gamma_range`]) give continuous
 //! variants that never repeat: those are computed on every step and never stored.
 //!
 //! When the model fine-tunes CLIP's vision tower (`TgcConfig::clip_finetune` not
@@ -95,6 +97,17 @@ pub struct TrainConfig {
     /// Random isotropic zoom of every training sample, drawn uniformly in `[lo, hi]`
     /// (`[1, 1]`: off; > 1 enlarges the content). Not cacheable, as for rotations.
     pub scale_range: (f32, f32),
+    /// Random contrast of every training image about mid-grey, drawn uniformly in
+    /// `[lo, hi]` (`[1, 1]`: off). Contrast, brightness and gamma change the image and
+    /// not the mask ([`tgc_data::AugmentParams::intensity`]); like rotations, they make
+    /// every sample a continuous variant whose frozen features are computed every step.
+    pub contrast_range: (f32, f32),
+    /// Random brightness shift of every training image, drawn uniformly in
+    /// `[-max_brightness, max_brightness]` in units of the [0, 1] intensity range (0: off).
+    pub max_brightness: f32,
+    /// Random gamma of every training image, drawn log-uniformly in `[lo, hi]`
+    /// (`[1, 1]`: off).
+    pub gamma_range: (f32, f32),
     /// Folder of the on-disk image feature cache (none: memory only).
     pub cache_dir: Option<PathBuf>,
     /// Keep frozen features in memory between epochs (false: recompute every step, the
@@ -147,6 +160,9 @@ impl Default for TrainConfig {
             flip: true,
             max_rotation_deg: 0.0,
             scale_range: (1.0, 1.0),
+            contrast_range: (1.0, 1.0),
+            max_brightness: 0.0,
+            gamma_range: (1.0, 1.0),
             cache_dir: None,
             use_cache: true,
             overlays: 4,
@@ -160,26 +176,46 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     /// The training augmentation these settings describe, checked: rotation finite and
-    /// non-negative, `0 < lo <= hi` finite.
+    /// non-negative, brightness finite in `[0, 1)`, and for the scale, contrast and gamma
+    /// ranges `0 < lo <= hi`, finite.
     pub fn augment(&self) -> Result<Augment> {
-        let (lo, hi) = self.scale_range;
         if !(self.max_rotation_deg.is_finite() && self.max_rotation_deg >= 0.0) {
             return Err(Error::InvalidArgument(format!(
                 "max_rotation_deg must be a finite number >= 0, got {}",
                 self.max_rotation_deg
             )));
         }
-        if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi) {
+        if !(self.max_brightness.is_finite() && (0.0..1.0).contains(&self.max_brightness)) {
             return Err(Error::InvalidArgument(format!(
-                "scale_range must satisfy 0 < lo <= hi, got ({lo}, {hi})"
+                "max_brightness must be a finite number in [0, 1), got {}",
+                self.max_brightness
             )));
         }
-        let geometric = self.max_rotation_deg > 0.0 || (lo, hi) != (1.0, 1.0);
+        for (name, (lo, hi)) in [
+            ("scale_range", self.scale_range),
+            ("contrast_range", self.contrast_range),
+            ("gamma_range", self.gamma_range),
+        ] {
+            if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi) {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} must satisfy 0 < lo <= hi, got ({lo}, {hi})"
+                )));
+            }
+        }
+        let on = |(lo, hi): (f32, f32)| (lo, hi) != (1.0, 1.0);
+        let varied = self.max_rotation_deg > 0.0
+            || on(self.scale_range)
+            || on(self.contrast_range)
+            || on(self.gamma_range)
+            || self.max_brightness > 0.0;
         Ok(Augment {
-            enabled: self.flip || geometric,
+            enabled: self.flip || varied,
             hflip_prob: if self.flip { 0.5 } else { 0.0 },
             max_rotation_deg: self.max_rotation_deg,
-            scale_range: (lo, hi),
+            scale_range: self.scale_range,
+            contrast_range: self.contrast_range,
+            max_brightness: self.max_brightness,
+            gamma_range: self.gamma_range,
         })
     }
 

@@ -149,10 +149,17 @@ fn geometric_augmentation_resumes_exactly_and_skips_the_cache() {
         scale_range: (1.0, 1.0),
         ..aug(6, "cache-d")
     };
-    Trainer::new(&d, flips, train.clone(), val(), pre, dir.path().join("d"))
-        .unwrap()
-        .fit()
-        .unwrap();
+    Trainer::new(
+        &d,
+        flips.clone(),
+        train.clone(),
+        val(),
+        pre,
+        dir.path().join("d"),
+    )
+    .unwrap()
+    .fit()
+    .unwrap();
 
     let (wa, wc, wd) = (
         a.trainable_tensors(),
@@ -167,6 +174,36 @@ fn geometric_augmentation_resumes_exactly_and_skips_the_cache() {
     }
     assert!(differs_from_flips, "rotations and zooms changed nothing");
 
+    // Contrast, brightness and gamma alone: they change what is learned too, and make
+    // every training sample a continuous variant (nothing cached from training).
+    let e = model(&cfg);
+    let intensity = TrainConfig {
+        contrast_range: (0.8, 1.2),
+        max_brightness: 0.1,
+        gamma_range: (0.8, 1.25),
+        ..flips.clone()
+    };
+    let intensity = TrainConfig {
+        cache_dir: Some(dir.path().join("cache-e")),
+        ..intensity
+    };
+    Trainer::new(
+        &e,
+        intensity,
+        train.clone(),
+        val(),
+        pre,
+        dir.path().join("i"),
+    )
+    .unwrap()
+    .fit()
+    .unwrap();
+    let we = e.trainable_tensors();
+    assert!(
+        wd.iter().any(|(name, td)| flat(td) != flat(&we[name])),
+        "contrast, brightness and gamma changed nothing"
+    );
+
     // Cache entries: flips only caches every (image, flip) seen in training (12 images,
     // 24 draws) besides the 4 validation images; with rotations and zooms training
     // caches nothing, validation its 4 identity images.
@@ -178,6 +215,7 @@ fn geometric_augmentation_resumes_exactly_and_skips_the_cache() {
     };
     assert!(entries("cache-d") >= 16, "{}", entries("cache-d"));
     assert_eq!(entries("cache-a"), 4);
+    assert_eq!(entries("cache-e"), 4);
 
     // Bad settings are refused with the field named.
     for bad in [
@@ -193,6 +231,18 @@ fn geometric_augmentation_resumes_exactly_and_skips_the_cache() {
             scale_range: (0.0, 1.0),
             ..quiet(1)
         },
+        TrainConfig {
+            contrast_range: (1.2, 0.8),
+            ..quiet(1)
+        },
+        TrainConfig {
+            gamma_range: (0.0, 1.5),
+            ..quiet(1)
+        },
+        TrainConfig {
+            max_brightness: f32::NAN,
+            ..quiet(1)
+        },
     ] {
         let e = Trainer::new(
             &model(&cfg),
@@ -206,7 +256,15 @@ fn geometric_augmentation_resumes_exactly_and_skips_the_cache() {
         .expect("bad augmentation accepted")
         .to_string();
         assert!(
-            e.contains("max_rotation_deg") || e.contains("scale_range"),
+            [
+                "max_rotation_deg",
+                "scale_range",
+                "contrast_range",
+                "gamma_range",
+                "max_brightness"
+            ]
+            .iter()
+            .any(|f| e.contains(f)),
             "{e}"
         );
     }
