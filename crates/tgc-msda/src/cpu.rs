@@ -45,51 +45,34 @@ pub(crate) trait Real:
     fn mul_add_if<const FMA: bool>(self, a: Self, b: Self) -> Self;
 }
 
-impl Real for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const HALF: Self = 0.5;
-    fn from_usize(v: usize) -> Self {
-        v as f32
-    }
-    fn trunc_pos(self) -> Self {
-        (self as i64) as f32
-    }
-    fn to_isize(self) -> isize {
-        self as isize
-    }
-    #[inline(always)]
-    fn mul_add_if<const FMA: bool>(self, a: Self, b: Self) -> Self {
-        if FMA {
-            self.mul_add(a, b)
-        } else {
-            self * a + b
+macro_rules! impl_real {
+    ($t:ty) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const HALF: Self = 0.5;
+            fn from_usize(v: usize) -> Self {
+                v as $t
+            }
+            fn trunc_pos(self) -> Self {
+                (self as i64) as $t
+            }
+            fn to_isize(self) -> isize {
+                self as isize
+            }
+            #[inline(always)]
+            fn mul_add_if<const FMA: bool>(self, a: Self, b: Self) -> Self {
+                if FMA {
+                    self.mul_add(a, b)
+                } else {
+                    self * a + b
+                }
+            }
         }
-    }
+    };
 }
-
-impl Real for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const HALF: Self = 0.5;
-    fn from_usize(v: usize) -> Self {
-        v as f64
-    }
-    fn trunc_pos(self) -> Self {
-        (self as i64) as f64
-    }
-    fn to_isize(self) -> isize {
-        self as isize
-    }
-    #[inline(always)]
-    fn mul_add_if<const FMA: bool>(self, a: Self, b: Self) -> Self {
-        if FMA {
-            self.mul_add(a, b)
-        } else {
-            self * a + b
-        }
-    }
-}
+impl_real!(f32);
+impl_real!(f64);
 
 /// Whether this CPU runs the AVX2 + FMA builds of the kernels. The crate is compiled
 /// for the baseline target (portable binaries), so the hot loops are built twice and

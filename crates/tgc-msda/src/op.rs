@@ -325,6 +325,57 @@ fn cpu_slice<'a, T: candle_core::WithDType>(
     }
 }
 
+/// The dtype of CPU storages that all hold f32 or all f64; None otherwise.
+fn same_float_dtype(storages: &[&CpuStorage]) -> Option<DType> {
+    use candle_core::backend::BackendStorage;
+    let d = storages.first()?.dtype();
+    let same = storages.iter().all(|s| s.dtype() == d);
+    (same && matches!(d, DType::F32 | DType::F64)).then_some(d)
+}
+
+/// A CPU input of the op: storage, layout and its name in errors.
+type Input<'a> = (&'a CpuStorage, &'a Layout, &'a str);
+
+/// [`cpu::forward`] on storages of element type `T` (checked by the caller).
+fn forward_cpu<T: cpu::Real + candle_core::WithDType>(
+    g: &Geometry,
+    out_len: usize,
+    [(s1, l1, n1), (s2, l2, n2), (s3, l3, n3)]: [Input; 3],
+) -> candle_core::Result<Vec<T>> {
+    let mut out = vec![T::ZERO; out_len];
+    cpu::forward(
+        g,
+        cpu_slice::<T>(s1, l1, n1)?,
+        cpu_slice::<T>(s2, l2, n2)?,
+        cpu_slice::<T>(s3, l3, n3)?,
+        &mut out,
+    );
+    Ok(out)
+}
+
+/// [`cpu::backward`] on storages of element type `T`: `[grad_value | grad_locations |
+/// grad_weights]` in one buffer.
+fn backward_cpu<T: cpu::Real + candle_core::WithDType>(
+    g: &Geometry,
+    [(s1, l1, n1), (s2, l2, n2), (s3, l3, n3), (go, lo, no)]: [Input; 4],
+) -> candle_core::Result<Vec<T>> {
+    let (nv, nw) = (g.value_elems(), g.weight_elems());
+    let mut buf = vec![T::ZERO; nv + 3 * nw];
+    let (gv, rest) = buf.split_at_mut(nv);
+    let (gl, ga) = rest.split_at_mut(2 * nw);
+    cpu::backward(
+        g,
+        cpu_slice::<T>(s1, l1, n1)?,
+        cpu_slice::<T>(s2, l2, n2)?,
+        cpu_slice::<T>(s3, l3, n3)?,
+        cpu_slice::<T>(go, lo, no)?,
+        gv,
+        gl,
+        ga,
+    );
+    Ok(buf)
+}
+
 /// The fused forward op; inputs are (value, sampling_locations, attention_weights).
 struct MsDeformAttnOp {
     geom: Geometry,
@@ -346,29 +397,14 @@ impl CustomOp3 for MsDeformAttnOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = &self.geom;
         let out_len = g.out_shape().elem_count();
-        let storage = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let mut out = vec![0f32; out_len];
-                cpu::forward(
-                    g,
-                    cpu_slice::<f32>(s1, l1, "value")?,
-                    cpu_slice::<f32>(s2, l2, "sampling_locations")?,
-                    cpu_slice::<f32>(s3, l3, "attention_weights")?,
-                    &mut out,
-                );
-                CpuStorage::F32(out)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let mut out = vec![0f64; out_len];
-                cpu::forward(
-                    g,
-                    cpu_slice::<f64>(s1, l1, "value")?,
-                    cpu_slice::<f64>(s2, l2, "sampling_locations")?,
-                    cpu_slice::<f64>(s3, l3, "attention_weights")?,
-                    &mut out,
-                );
-                CpuStorage::F64(out)
-            }
+        let inputs = [
+            (s1, l1, "value"),
+            (s2, l2, "sampling_locations"),
+            (s3, l3, "attention_weights"),
+        ];
+        let storage = match same_float_dtype(&[s1, s2, s3]) {
+            Some(DType::F32) => CpuStorage::F32(forward_cpu::<f32>(g, out_len, inputs)?),
+            Some(DType::F64) => CpuStorage::F64(forward_cpu::<f64>(g, out_len, inputs)?),
             _ => candle_core::bail!("ms_deform_attn: inputs must all be f32 or all f64"),
         };
         Ok((storage, g.out_shape()))
@@ -444,39 +480,15 @@ impl CustomOp3 for MsDeformAttnBackwardOp {
             Storage::Cpu(s) => s,
             _ => candle_core::bail!("ms_deform_attn backward: output gradient is not on the CPU"),
         };
-        let storage = match (s1, s2, s3, go) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let mut buf = vec![0f32; total];
-                let (gv, rest) = buf.split_at_mut(nv);
-                let (gl, ga) = rest.split_at_mut(2 * nw);
-                cpu::backward(
-                    g,
-                    cpu_slice::<f32>(s1, l1, "value")?,
-                    cpu_slice::<f32>(s2, l2, "sampling_locations")?,
-                    cpu_slice::<f32>(s3, l3, "attention_weights")?,
-                    cpu_slice::<f32>(go, go_layout, "grad_output")?,
-                    gv,
-                    gl,
-                    ga,
-                );
-                CpuStorage::F32(buf)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let mut buf = vec![0f64; total];
-                let (gv, rest) = buf.split_at_mut(nv);
-                let (gl, ga) = rest.split_at_mut(2 * nw);
-                cpu::backward(
-                    g,
-                    cpu_slice::<f64>(s1, l1, "value")?,
-                    cpu_slice::<f64>(s2, l2, "sampling_locations")?,
-                    cpu_slice::<f64>(s3, l3, "attention_weights")?,
-                    cpu_slice::<f64>(go, go_layout, "grad_output")?,
-                    gv,
-                    gl,
-                    ga,
-                );
-                CpuStorage::F64(buf)
-            }
+        let inputs = [
+            (s1, l1, "value"),
+            (s2, l2, "sampling_locations"),
+            (s3, l3, "attention_weights"),
+            (go, go_layout, "grad_output"),
+        ];
+        let storage = match same_float_dtype(&[s1, s2, s3, go]) {
+            Some(DType::F32) => CpuStorage::F32(backward_cpu::<f32>(g, inputs)?),
+            Some(DType::F64) => CpuStorage::F64(backward_cpu::<f64>(g, inputs)?),
             _ => candle_core::bail!("ms_deform_attn backward: inputs must all be f32 or all f64"),
         };
         Ok((storage, Shape::from(total)))

@@ -31,6 +31,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, T
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, Init, VarBuilder};
 use rayon::prelude::*;
 
+use crate::kernel::{cpu_kernel1, Float, Kernel1};
+
 /// Geometry of an unfold of a `B x c x h x w` input into `B x rows x (ho * wo)` columns,
 /// with `rows = c * k * k` (+ 1 when `ones_row`: a trailing row of ones for the bias).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,24 +106,8 @@ impl Geometry {
     }
 }
 
-/// The float types of the CPU kernels.
-trait Elem: Copy + Send + Sync + std::ops::AddAssign + 'static {
-    const ZERO: Self;
-    const ONE: Self;
-}
-
-impl Elem for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-}
-
-impl Elem for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-}
-
 /// Unfolds one input channel plane (`h x w`) into its `k * k` rows of `ho * wo` columns.
-fn unfold_plane<T: Elem>(x: &[T], out: &mut [T], g: &Geometry) {
+fn unfold_plane<T: Float>(x: &[T], out: &mut [T], g: &Geometry) {
     let n = g.n();
     for ky in 0..g.k {
         for kx in 0..g.k {
@@ -153,7 +139,7 @@ fn unfold_plane<T: Elem>(x: &[T], out: &mut [T], g: &Geometry) {
 
 /// Adds the `k * k` rows of one channel's columns back into its `h x w` plane (the
 /// adjoint of [`unfold_plane`]).
-fn fold_plane<T: Elem>(cols: &[T], dx: &mut [T], g: &Geometry) {
+fn fold_plane<T: Float>(cols: &[T], dx: &mut [T], g: &Geometry) {
     let n = g.n();
     for ky in 0..g.k {
         for kx in 0..g.k {
@@ -185,7 +171,7 @@ fn fold_plane<T: Elem>(cols: &[T], dx: &mut [T], g: &Geometry) {
     }
 }
 
-fn unfold_cpu<T: Elem>(x: &[T], b: usize, g: &Geometry) -> Vec<T> {
+fn unfold_cpu<T: Float>(x: &[T], b: usize, g: &Geometry) -> Vec<T> {
     let (n, plane) = (g.n(), g.h * g.w);
     let mut out = vec![T::ZERO; b * g.rows() * n];
     if out.is_empty() {
@@ -203,7 +189,7 @@ fn unfold_cpu<T: Elem>(x: &[T], b: usize, g: &Geometry) -> Vec<T> {
     out
 }
 
-fn fold_cpu<T: Elem>(cols: &[T], b: usize, g: &Geometry) -> Vec<T> {
+fn fold_cpu<T: Float>(cols: &[T], b: usize, g: &Geometry) -> Vec<T> {
     let (n, plane) = (g.n(), g.h * g.w);
     let mut dx = vec![T::ZERO; b * g.c * plane];
     if dx.is_empty() {
@@ -220,6 +206,18 @@ fn fold_cpu<T: Elem>(cols: &[T], b: usize, g: &Geometry) -> Vec<T> {
 /// `B x c x h x w` -> `B x rows x (ho * wo)`; backward: [`Fold`].
 struct Unfold(Geometry);
 
+impl Kernel1 for Unfold {
+    fn run<T: Float>(&self, dims: &[usize], x: &[T]) -> Vec<T> {
+        unfold_cpu(x, dims[0], &self.0)
+    }
+}
+
+impl Kernel1 for Fold {
+    fn run<T: Float>(&self, dims: &[usize], cols: &[T]) -> Vec<T> {
+        fold_cpu(cols, dims[0], &self.0)
+    }
+}
+
 impl CustomOp1 for Unfold {
     fn name(&self) -> &'static str {
         "tgc-unfold"
@@ -228,19 +226,11 @@ impl CustomOp1 for Unfold {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         let b = l.dims()[0];
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(unfold_cpu(
-                crate::contiguous_slice(x, l, "unfold: input")?,
-                b,
-                g,
-            )),
-            CpuStorage::F64(x) => CpuStorage::F64(unfold_cpu(
-                crate::contiguous_slice(x, l, "unfold: input")?,
-                b,
-                g,
-            )),
-            _ => candle_core::bail!("unfold: only f32 and f64 are supported"),
-        };
+        let out = cpu_kernel1(
+            self,
+            (s, l, "unfold: input"),
+            "unfold: only f32 and f64 are supported",
+        )?;
         Ok((out, Shape::from((b, g.rows(), g.n()))))
     }
 
@@ -263,19 +253,11 @@ impl CustomOp1 for Fold {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         let b = l.dims()[0];
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(fold_cpu(
-                crate::contiguous_slice(x, l, "fold: input")?,
-                b,
-                g,
-            )),
-            CpuStorage::F64(x) => CpuStorage::F64(fold_cpu(
-                crate::contiguous_slice(x, l, "fold: input")?,
-                b,
-                g,
-            )),
-            _ => candle_core::bail!("fold: only f32 and f64 are supported"),
-        };
+        let out = cpu_kernel1(
+            self,
+            (s, l, "fold: input"),
+            "fold: only f32 and f64 are supported",
+        )?;
         Ok((out, Shape::from((b, g.c, g.h, g.w))))
     }
 

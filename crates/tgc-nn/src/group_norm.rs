@@ -15,7 +15,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
-use crate::layer_norm::{cpu_kernel3, row_stats, Float, Kernel3};
+use crate::kernel::{cpu_kernel3, Float, Kernel3};
+use crate::layer_norm::row_stats;
 
 /// Group geometry of a contiguous `N x C x spatial...` tensor.
 #[derive(Clone, Copy, Debug)]

@@ -13,72 +13,10 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::kernel::{cpu_kernel3, Float, Kernel3};
+
 /// Rows per task of the backward pass (and per partial sum of the parameter gradients).
 const BWD_ROWS: usize = 64;
-
-/// Float operations the kernels need, for f32 and f64.
-pub(crate) trait Float:
-    Copy
-    + Send
-    + Sync
-    + std::ops::Add<Output = Self>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-    + std::ops::AddAssign
-{
-    const ZERO: Self;
-    fn from_f64(v: f64) -> Self;
-    fn from_usize(v: usize) -> Self;
-    fn sqrt(self) -> Self;
-}
-
-macro_rules! impl_float {
-    ($t:ty) => {
-        impl Float for $t {
-            const ZERO: Self = 0.0;
-            fn from_f64(v: f64) -> Self {
-                v as $t
-            }
-            fn from_usize(v: usize) -> Self {
-                v as $t
-            }
-            fn sqrt(self) -> Self {
-                <$t>::sqrt(self)
-            }
-        }
-    };
-}
-impl_float!(f32);
-impl_float!(f64);
-
-/// A fused three-input CPU kernel, written once for both float types the fused ops take.
-pub(crate) trait Kernel3 {
-    fn run<T: Float>(&self, a: &[T], b: &[T], c: &[T]) -> Vec<T>;
-}
-
-/// Runs `k` on three contiguous CPU storages of one float type: each input's `&str`
-/// names it in the not-contiguous error, `dtype_error` is the error for other dtypes.
-pub(crate) fn cpu_kernel3(
-    k: &impl Kernel3,
-    inputs: [(&CpuStorage, &Layout, &str); 3],
-    dtype_error: &str,
-) -> Result<CpuStorage> {
-    let [(s1, l1, n1), (s2, l2, n2), (s3, l3, n3)] = inputs;
-    Ok(match (s1, s2, s3) {
-        (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => CpuStorage::F32(k.run(
-            crate::contiguous_slice(a, l1, n1)?,
-            crate::contiguous_slice(b, l2, n2)?,
-            crate::contiguous_slice(c, l3, n3)?,
-        )),
-        (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => CpuStorage::F64(k.run(
-            crate::contiguous_slice(a, l1, n1)?,
-            crate::contiguous_slice(b, l2, n2)?,
-            crate::contiguous_slice(c, l3, n3)?,
-        )),
-        _ => candle_core::bail!("{dtype_error}"),
-    })
-}
 
 /// Mean and `1 / sqrt(var + eps)` of one row (two-pass variance, as PyTorch).
 #[inline(always)]

@@ -62,6 +62,7 @@ pub(crate) fn contiguous_slice<'a, T>(
 
 mod conv;
 mod group_norm;
+mod kernel;
 mod layer_norm;
 mod linear;
 pub mod reference;

@@ -12,6 +12,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::kernel::{cpu_kernel1, cpu_kernel2, Float, Kernel1, Kernel2};
+
 /// Rows per block of the bias-gradient column sums.
 const ROWS: usize = 256;
 
@@ -80,17 +82,23 @@ pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 struct AddBias;
 
-fn add_rows<T: Copy + Send + Sync + std::ops::Add<Output = T>>(y: &[T], b: &[T]) -> Vec<T> {
+fn add_rows<T: Float>(y: &[T], b: &[T]) -> Vec<T> {
     let n = b.len();
     let mut out = y.to_vec();
     out.par_chunks_mut(ROWS * n).for_each(|chunk| {
         for row in chunk.chunks_exact_mut(n) {
             for (v, &bv) in row.iter_mut().zip(b) {
-                *v = *v + bv;
+                *v += bv;
             }
         }
     });
     out
+}
+
+impl Kernel2 for AddBias {
+    fn run<T: Float>(&self, _dims: &[usize], y: &[T], b: &[T]) -> Vec<T> {
+        add_rows(y, b)
+    }
 }
 
 impl CustomOp2 for AddBias {
@@ -105,17 +113,11 @@ impl CustomOp2 for AddBias {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2) {
-            (CpuStorage::F32(y), CpuStorage::F32(b)) => CpuStorage::F32(add_rows(
-                crate::contiguous_slice(y, l1, "add_bias: input")?,
-                crate::contiguous_slice(b, l2, "add_bias: bias")?,
-            )),
-            (CpuStorage::F64(y), CpuStorage::F64(b)) => CpuStorage::F64(add_rows(
-                crate::contiguous_slice(y, l1, "add_bias: input")?,
-                crate::contiguous_slice(b, l2, "add_bias: bias")?,
-            )),
-            _ => candle_core::bail!("add_bias: only f32 and f64 are supported"),
-        };
+        let out = cpu_kernel2(
+            self,
+            [(s1, l1, "add_bias: input"), (s2, l2, "add_bias: bias")],
+            "add_bias: only f32 and f64 are supported",
+        )?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -137,11 +139,11 @@ struct ColumnSum {
     n: usize,
 }
 
-fn column_sum<T: Copy + Send + Sync + Default + std::ops::AddAssign>(g: &[T], n: usize) -> Vec<T> {
+fn column_sum<T: Float>(g: &[T], n: usize) -> Vec<T> {
     let partial: Vec<Vec<T>> = g
         .par_chunks(ROWS * n)
         .map(|chunk| {
-            let mut acc = vec![T::default(); n];
+            let mut acc = vec![T::ZERO; n];
             for row in chunk.chunks_exact(n) {
                 for (a, &v) in acc.iter_mut().zip(row) {
                     *a += v;
@@ -150,7 +152,7 @@ fn column_sum<T: Copy + Send + Sync + Default + std::ops::AddAssign>(g: &[T], n:
             acc
         })
         .collect();
-    let mut out = vec![T::default(); n];
+    let mut out = vec![T::ZERO; n];
     for p in &partial {
         for (a, &v) in out.iter_mut().zip(p) {
             *a += v;
@@ -159,23 +161,23 @@ fn column_sum<T: Copy + Send + Sync + Default + std::ops::AddAssign>(g: &[T], n:
     out
 }
 
+impl Kernel1 for ColumnSum {
+    fn run<T: Float>(&self, _dims: &[usize], g: &[T]) -> Vec<T> {
+        column_sum(g, self.n)
+    }
+}
+
 impl candle_core::CustomOp1 for ColumnSum {
     fn name(&self) -> &'static str {
         "tgc-column-sum"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(g) => CpuStorage::F32(column_sum(
-                crate::contiguous_slice(g, l, "add_bias backward: gradient")?,
-                self.n,
-            )),
-            CpuStorage::F64(g) => CpuStorage::F64(column_sum(
-                crate::contiguous_slice(g, l, "add_bias backward: gradient")?,
-                self.n,
-            )),
-            _ => candle_core::bail!("add_bias backward: only f32 and f64 are supported"),
-        };
+        let out = cpu_kernel1(
+            self,
+            (s, l, "add_bias backward: gradient"),
+            "add_bias backward: only f32 and f64 are supported",
+        )?;
         Ok((out, Shape::from(self.n)))
     }
 }
