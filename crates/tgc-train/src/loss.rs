@@ -262,6 +262,44 @@ fn loss_slices<'a, T>(
     }
 }
 
+/// A CPU kernel of `(logits, target)`, written once for f32 and f64.
+trait LossKernel {
+    fn run<T: LossElem>(&self, x: &[T], t: &[T]) -> Vec<T>;
+}
+
+impl LossKernel for DiceBceOp {
+    fn run<T: LossElem>(&self, x: &[T], t: &[T]) -> Vec<T> {
+        vec![self.value(x, t)]
+    }
+}
+
+impl LossKernel for DiceBceGrad {
+    fn run<T: LossElem>(&self, x: &[T], t: &[T]) -> Vec<T> {
+        self.op.gradient(x, t, self.scale)
+    }
+}
+
+/// Runs `k` on logits and target storages of one float type (f32 or f64).
+fn cpu_loss_kernel(
+    k: &impl LossKernel,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> candle_core::Result<CpuStorage> {
+    Ok(match (s1, s2) {
+        (CpuStorage::F32(x), CpuStorage::F32(t)) => {
+            let (x, t) = loss_slices(x, l1, t, l2)?;
+            CpuStorage::F32(k.run(x, t))
+        }
+        (CpuStorage::F64(x), CpuStorage::F64(t)) => {
+            let (x, t) = loss_slices(x, l1, t, l2)?;
+            CpuStorage::F64(k.run(x, t))
+        }
+        _ => candle_core::bail!("dice_bce: logits and target must both be f32 or f64"),
+    })
+}
+
 impl CustomOp2 for DiceBceOp {
     fn name(&self) -> &'static str {
         "tgc-dice-bce"
@@ -274,17 +312,7 @@ impl CustomOp2 for DiceBceOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(t)) => {
-                let (x, t) = loss_slices(x, l1, t, l2)?;
-                CpuStorage::F32(vec![self.value(x, t)])
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(t)) => {
-                let (x, t) = loss_slices(x, l1, t, l2)?;
-                CpuStorage::F64(vec![self.value(x, t)])
-            }
-            _ => candle_core::bail!("dice_bce: logits and target must both be f32 or f64"),
-        };
+        let out = cpu_loss_kernel(self, s1, l1, s2, l2)?;
         Ok((out, Shape::from(())))
     }
 
@@ -320,17 +348,7 @@ impl CustomOp2 for DiceBceGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(t)) => {
-                let (x, t) = loss_slices(x, l1, t, l2)?;
-                CpuStorage::F32(self.op.gradient(x, t, self.scale))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(t)) => {
-                let (x, t) = loss_slices(x, l1, t, l2)?;
-                CpuStorage::F64(self.op.gradient(x, t, self.scale))
-            }
-            _ => candle_core::bail!("dice_bce: logits and target must both be f32 or f64"),
-        };
+        let out = cpu_loss_kernel(self, s1, l1, s2, l2)?;
         Ok((out, l1.shape().clone()))
     }
 }
