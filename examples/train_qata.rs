@@ -293,6 +293,19 @@ fn run() -> Result<()> {
         0 => tgc::train::default_data_parallel(),
         n => n,
     };
+    // What the probe runs and the real run share: data layout, threads, augmentation.
+    let base = TrainConfig {
+        cache_dir: Some(args.out.join("feature-cache")),
+        data_parallel,
+        batch_size: args.batch,
+        max_rotation_deg: args.rotate,
+        scale_range: args.scale,
+        contrast_range: args.contrast,
+        max_brightness: args.brightness,
+        gamma_range: args.gamma,
+        ema_decay: args.ema,
+        ..TrainConfig::for_dataset("qata")
+    };
     let mut max_steps = args.max_steps;
     if let Some(minutes) = args.minutes {
         // Two short probe runs (their own models, the run's feature cache) separate the
@@ -309,16 +322,7 @@ fn run() -> Result<()> {
                 max_steps: Some(steps),
                 progress: false,
                 overlays: 0,
-                cache_dir: Some(args.out.join("feature-cache")),
-                data_parallel,
-                batch_size: args.batch,
-                max_rotation_deg: args.rotate,
-                scale_range: args.scale,
-                contrast_range: args.contrast,
-                max_brightness: args.brightness,
-                gamma_range: args.gamma,
-                ema_decay: args.ema,
-                ..TrainConfig::for_dataset("qata")
+                ..base.clone()
             };
             let mut t = Trainer::new(
                 &probe,
@@ -354,22 +358,13 @@ fn run() -> Result<()> {
         // A time or step budget fixes the number of steps: plan the schedule over them.
         schedule_steps: max_steps,
         lr: args.lr,
-        cache_dir: Some(args.out.join("feature-cache")),
-        data_parallel,
         // What the probes and the model build left of the budget.
         time_budget_secs: args
             .minutes
             .map(|m| m * 60.0 - program_start.elapsed().as_secs_f64()),
-        batch_size: args.batch,
-        max_rotation_deg: args.rotate,
-        scale_range: args.scale,
-        contrast_range: args.contrast,
-        max_brightness: args.brightness,
-        gamma_range: args.gamma,
         patience: args.patience,
-        ema_decay: args.ema,
-        seed: args.seed.unwrap_or(TrainConfig::for_dataset("qata").seed),
-        ..TrainConfig::for_dataset("qata")
+        seed: args.seed.unwrap_or(base.seed),
+        ..base
     };
     let batch = tc.batch_size;
     let mut trainer = Trainer::new(&model, tc, train, val.clone(), pre, &args.out)?;

@@ -75,9 +75,10 @@ enum Cmd {
 struct TrainArgs {
     /// Run file (TOML). Every field is optional: preset, data, phantoms, a volumes table
     /// (root, layout, organs, val_volumes, window_level, window_width), out,
-    /// clip_weights, train_count, val_count, train_sample, val_sample, a model table (TgcConfig overrides merged into
-    /// the preset) and a train table (TrainConfig overrides). Relative paths in it are
-    /// relative to the working directory. Flags below win over the file.
+    /// clip_weights, train_count, val_count, train_sample, val_sample, a model table
+    /// (TgcConfig overrides merged into the preset) and a train table (TrainConfig
+    /// overrides). Relative paths in it are relative to the working directory. Flags
+    /// below win over the file.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Model preset: paper, cpu or tiny (default: the file's, else cpu).

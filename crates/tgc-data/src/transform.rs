@@ -123,8 +123,8 @@ pub struct Prepared {
 ///
 /// Geometric draws (flip, rotation, zoom) move image and mask together; intensity draws
 /// (contrast, brightness, gamma) change the image only, as a different exposure of the
-/// same radiograph would. Every setting at its identity value draws nothing, so turning
-/// one on leaves the draws of the others unchanged for the first sample only.
+/// same radiograph would. A setting at its identity value consumes no randomness, so a
+/// policy without intensity draws repeats the draws it made before those fields existed.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Augment {
@@ -207,18 +207,8 @@ impl Augment {
         } else {
             0.0
         };
-        let (lo, hi) = self.scale_range;
-        let scale = if hi > lo {
-            rng.range(lo as f64, hi as f64) as f32
-        } else {
-            lo
-        };
-        let (lo, hi) = self.contrast_range;
-        let contrast = if hi > lo {
-            rng.range(lo as f64, hi as f64) as f32
-        } else {
-            lo
-        };
+        let scale = uniform_in(rng, self.scale_range);
+        let contrast = uniform_in(rng, self.contrast_range);
         let brightness = if self.max_brightness > 0.0 {
             rng.range(-self.max_brightness as f64, self.max_brightness as f64) as f32
         } else {
@@ -238,6 +228,15 @@ impl Augment {
             brightness,
             gamma,
         }
+    }
+}
+
+/// A uniform draw in `[lo, hi]`, or `lo` without drawing when the range is empty.
+fn uniform_in(rng: &mut SplitMix64, (lo, hi): (f32, f32)) -> f32 {
+    if hi > lo {
+        rng.range(lo as f64, hi as f64) as f32
+    } else {
+        lo
     }
 }
 

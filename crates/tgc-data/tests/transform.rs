@@ -4,18 +4,23 @@ use std::path::PathBuf;
 
 use tgc_data::*;
 
-#[test]
-fn resize_matches_torch_interpolate() {
+/// The `resize` fixture: a named array of it as f32.
+fn resize_fixture() -> impl Fn(&str) -> Vec<f32> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real_data.json");
     let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
-    let r = &fx["resize"];
-    let vals = |k: &str| -> Vec<f32> {
-        r[k].as_array()
+    move |k: &str| {
+        fx["resize"][k]
+            .as_array()
             .unwrap()
             .iter()
             .map(|v| v.as_f64().unwrap() as f32)
             .collect()
-    };
+    }
+}
+
+#[test]
+fn resize_matches_torch_interpolate() {
+    let vals = resize_fixture();
     let img = vals("image");
     let mask = Mask {
         height: 5,
@@ -61,16 +66,7 @@ fn resize_matches_torch_interpolate() {
 /// says (applied to torch's bilinear resample), and leave the label and caption alone.
 #[test]
 fn intensity_augmentation_changes_the_image_only() {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real_data.json");
-    let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
-    let vals = |k: &str| -> Vec<f32> {
-        fx["resize"][k]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect()
-    };
+    let vals = resize_fixture();
     let img = vals("image");
     let s = Sample {
         id: "r".into(),

@@ -181,11 +181,8 @@ fn geometric_augmentation_resumes_exactly_and_skips_the_cache() {
         contrast_range: (0.8, 1.2),
         max_brightness: 0.1,
         gamma_range: (0.8, 1.25),
-        ..flips.clone()
-    };
-    let intensity = TrainConfig {
         cache_dir: Some(dir.path().join("cache-e")),
-        ..intensity
+        ..flips.clone()
     };
     Trainer::new(
         &e,
