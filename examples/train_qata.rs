@@ -65,6 +65,10 @@ struct Args {
     /// Peak learning rate (the paper's 2e-5 for QaTa-COV19).
     #[arg(long, default_value_t = 2e-5)]
     lr: f64,
+    /// AdamW's decoupled weight decay, on every trainable parameter
+    /// (`TrainConfig::weight_decay`; the paper's 1e-4).
+    #[arg(long, default_value_t = 1e-4)]
+    weight_decay: f64,
     /// Images per optimiser step (the paper's 8; `TrainConfig::batch_size`).
     #[arg(long, default_value_t = 8)]
     batch: usize,
@@ -304,6 +308,7 @@ fn run() -> Result<()> {
         max_brightness: args.brightness,
         gamma_range: args.gamma,
         ema_decay: args.ema,
+        weight_decay: args.weight_decay,
         ..TrainConfig::for_dataset("qata")
     };
     let mut max_steps = args.max_steps;
