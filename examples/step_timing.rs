@@ -1,13 +1,22 @@
 //! Wall and CPU time of one training step (forward + backward of the trainable modules on
-//! frozen features, batch 8) for a preset or a JSON config, split by module with
-//! `--profile`. For sizing presets to a machine; the criterion bench
+//! frozen features, batch 8) for a preset or a JSON config, and the memory the step
+//! allocates. For sizing presets to a machine; the criterion bench
 //! (`cargo bench --bench forward`) is the reference measurement.
 //!
 //! ```sh
 //! cargo run --release --example step_timing -- --preset cpu --steps 3
 //! cargo run --release --example step_timing -- --config my_config.json
+//! cargo run --release --example step_timing -- --preset paper --batch 1 --steps 1
 //! ```
+//!
+//! The memory lines count the bytes the step allocates through the global allocator
+//! (every CPU tensor), above what was live before it: what the forward pass keeps for
+//! the backward pass, and the step's peak. On a GPU the same tensors live in device
+//! memory, so these are what a training step needs there beside the weights (less the
+//! allocator's and the CUDA context's own overhead, plus cuBLAS workspaces).
 
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -16,7 +25,60 @@ use clap::Parser;
 use tgc::model::{TgcConfig, TgcNet, WeightSource};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: Counting = Counting;
+
+/// mimalloc (as the training binaries use) with a count of the live bytes and their
+/// peak, for the memory lines.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(bytes: usize) {
+    let now = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+// SAFETY: every call is forwarded unchanged to mimalloc; the counters only observe.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = mimalloc::MiMalloc.alloc(layout);
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = mimalloc::MiMalloc.alloc_zeroed(layout);
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        mimalloc::MiMalloc.dealloc(ptr, layout);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = mimalloc::MiMalloc.realloc(ptr, layout, new_size);
+        if !p.is_null() {
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+            grew(new_size);
+        }
+        p
+    }
+}
+
+/// Bytes live now, and restarts the peak from here.
+fn reset_peak() -> usize {
+    let now = LIVE.load(Ordering::Relaxed);
+    PEAK.store(now, Ordering::Relaxed);
+    now
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
 
 #[derive(Parser)]
 struct Args {
@@ -89,7 +151,26 @@ fn main() -> Result<()> {
         loss.backward()?;
         Ok(())
     };
-    step()?;
+    // The first step, measured for memory; it also warms up the timed ones.
+    let before = reset_peak();
+    let logits = model.forward_features(&image, &cnn, &primary, aux.as_ref(), 1, true)?;
+    let loss = tgc::train::dice_bce(&logits, &target, 0.5, 0.5)?;
+    let kept = LIVE.load(Ordering::Relaxed).saturating_sub(before);
+    let fwd_peak = PEAK.load(Ordering::Relaxed) - before;
+    let grads = loss.backward()?;
+    let step_peak = PEAK.load(Ordering::Relaxed) - before;
+    let with_grads = LIVE.load(Ordering::Relaxed).saturating_sub(before);
+    drop((grads, loss, logits));
+    println!(
+        "memory, batch {b}: {:.0} MiB of weights, features and inputs live before the step; \
+         the forward pass keeps {:.0} MiB for the backward pass (peak {:.0} MiB); \
+         step peak {:.0} MiB above the weights, {:.0} MiB live with the gradients",
+        mib(before),
+        mib(kept),
+        mib(fwd_peak),
+        mib(step_peak),
+        mib(with_grads)
+    );
     let (t0, c0) = (Instant::now(), cpu_s());
     for _ in 0..args.steps {
         step()?;

@@ -207,7 +207,7 @@ impl Date {
         let key_mask = primary_mask.to_dtype(primary.dtype())?;
         let mut infused = self.cross_attn.forward(aux, primary, Some(&key_mask))?;
         if train && self.dropout > 0.0 {
-            infused = candle_nn::ops::dropout(&infused, self.dropout as f32)?;
+            infused = tgc_nn::dropout(&infused, self.dropout as f32)?;
         }
         let f_t = self.norm.forward(&(primary + infused)?)?;
         Ok((f_t, primary_mask.clone()))

@@ -184,7 +184,7 @@ impl Mlp {
 
 pub(crate) fn maybe_dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
     if train && p > 0.0 {
-        Ok(candle_nn::ops::dropout(x, p)?)
+        Ok(tgc_nn::dropout(x, p)?)
     } else {
         Ok(x.clone())
     }

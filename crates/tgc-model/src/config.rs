@@ -217,8 +217,8 @@ impl TgcConfig {
             cnn_size: 224,
             label_size: 224,
             max_text_len: 77,
-            // No dropout: candle draws dropout masks from an unseedable RNG on CPU, which
-            // would make runs irreproducible (and exact resume impossible).
+            // No dropout: every CPU result in docs/results.md was measured without it
+            // (tgc_nn::dropout would now repeat and resume exactly).
             sse: SseConfig {
                 cnn_channels: [24, 48, 96],
                 cnn_blocks: [0, 0, 0],

@@ -229,7 +229,7 @@ impl MsDeformAttn {
 /// Applies dropout with probability `p` in training only.
 fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
     if train && p > 0.0 {
-        Ok(candle_nn::ops::dropout(x, p)?)
+        Ok(tgc_nn::dropout(x, p)?)
     } else {
         Ok(x.clone())
     }

@@ -16,6 +16,9 @@
 //! - [`resize_bilinear`]: PyTorch `interpolate(mode="bilinear", align_corners=False)` as two
 //!   matrix products, so gradients flow to the input.
 //! - [`masked_mean`]: mean over valid tokens.
+//! - [`dropout`] / [`seed_dropout`]: inverted dropout whose CPU masks are reproducible
+//!   and whose backward pass keeps no gradient for the mask (candle's does, at the
+//!   size of the input).
 //! - [`softmax_last_dim`]: a fused softmax with an analytic backward (candle's fused one
 //!   has no backward; the generic one is several times slower).
 //! - [`Linear`]: `nn.Linear` with a fused bias add (candle's spends more time on the bias
@@ -61,6 +64,7 @@ pub(crate) fn contiguous_slice<'a, T>(
 }
 
 mod conv;
+mod dropout;
 mod group_norm;
 mod kernel;
 mod layer_norm;
@@ -71,6 +75,7 @@ pub use conv::{
     conv2d, conv2d_no_bias, conv_transpose2d, conv_transpose2d_no_bias, MatmulConv,
     MatmulConvTranspose,
 };
+pub use dropout::{dropout, seed_dropout};
 pub use group_norm::{group_norm, GroupNorm};
 pub use linear::{add_bias, Linear};
 pub use softmax::softmax_last_dim;

@@ -468,3 +468,102 @@ fn group_norm_rejects_wrong_channels_and_groups() -> Result<()> {
     assert!(tgc_nn::group_norm(3, 4, 1e-5, vb.pp("b")).is_err());
     Ok(())
 }
+
+#[test]
+fn dropout_masks_repeat_under_a_seed_and_change_with_it() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::ones((64, 128), DType::F32, &dev)?;
+    let draw = |seed: Option<u64>| -> Result<Vec<f32>> {
+        if let Some(s) = seed {
+            tgc_nn::seed_dropout(s);
+        }
+        tgc_nn::dropout(&x, 0.5)?.flatten_all()?.to_vec1::<f32>()
+    };
+    let a = draw(Some(3))?;
+    let a_next = draw(None)?;
+    assert_eq!(a, draw(Some(3))?, "same seed, different mask");
+    assert_ne!(
+        a, a_next,
+        "the second call of a stream repeated the first mask"
+    );
+    assert_ne!(a, draw(Some(4))?, "seeds 3 and 4 drew the same mask");
+    // Another thread seeded the same way draws the same masks.
+    let b = std::thread::spawn(move || -> Result<Vec<f32>> {
+        tgc_nn::seed_dropout(3);
+        let x = Tensor::ones((64, 128), DType::F32, &Device::Cpu)?;
+        tgc_nn::dropout(&x, 0.5)?.flatten_all()?.to_vec1::<f32>()
+    })
+    .join()
+    .unwrap()?;
+    assert_eq!(a, b);
+    Ok(())
+}
+
+#[test]
+fn dropout_drops_a_share_p_and_scales_the_rest() -> Result<()> {
+    let dev = Device::Cpu;
+    let n = 200_000;
+    let x = Tensor::randn(0f64, 1.0, n, &dev)?;
+    for p in [0.1f32, 0.3, 0.7] {
+        tgc_nn::seed_dropout(11);
+        let y = tgc_nn::dropout(&x, p)?.to_vec1::<f64>()?;
+        let xs = x.to_vec1::<f64>()?;
+        let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64;
+        // Binomial(n, p): 5 standard deviations.
+        let (mean, sd) = (
+            n as f64 * p as f64,
+            (n as f64 * p as f64 * (1.0 - p as f64)).sqrt(),
+        );
+        assert!(
+            (dropped - mean).abs() < 5.0 * sd,
+            "p {p}: {dropped} of {n} dropped"
+        );
+        let scale = 1.0 / (1.0 - p as f64);
+        for (v, x) in y.iter().zip(&xs) {
+            assert!(*v == 0.0 || (v - x * scale).abs() < 1e-12 * scale.max(x.abs()));
+        }
+    }
+    assert!(tgc_nn::dropout(&x, 1.0).is_err());
+    assert!(tgc_nn::dropout(&x, -0.1).is_err());
+    assert_eq!(
+        tgc_nn::dropout(&x, 0.0)?.to_vec1::<f64>()?,
+        x.to_vec1::<f64>()?
+    );
+    Ok(())
+}
+
+#[test]
+fn dropout_of_a_strided_tensor_equals_that_of_its_copy() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (33, 17), &dev)?.t()?;
+    tgc_nn::seed_dropout(5);
+    let a = tgc_nn::dropout(&x, 0.4)?.to_vec2::<f32>()?;
+    tgc_nn::seed_dropout(5);
+    let b = tgc_nn::dropout(&x.contiguous()?, 0.4)?.to_vec2::<f32>()?;
+    assert_eq!(a, b);
+    Ok(())
+}
+
+#[test]
+fn dropout_gradient_matches_finite_differences_and_reaches_the_input_only() -> Result<()> {
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f64, 1.0, (4, 9), &dev)?;
+    let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (4, 9), &dev)?)?;
+    // Every evaluation draws the same mask: a fixed seed before each call.
+    let f = |t: &Tensor| -> Result<Tensor> {
+        tgc_nn::seed_dropout(9);
+        (tgc_nn::dropout(t, 0.3)? * &w)?.sum_all()
+    };
+    let err = gradcheck(&x, &f)?;
+    assert!(err < 1e-6, "dropout input gradient off by {err}");
+
+    // No gradient entry beyond those of the loss without dropout (`x`, and `w`, which
+    // candle's `Mul` backward keeps though nothing tracks it); candle's dropout adds one
+    // of the input's size for its mask, kept until the GradStore is dropped.
+    let entries = |loss: Tensor| -> Result<usize> { Ok(loss.backward()?.get_ids().count()) };
+    let plain = entries((x.as_tensor() * &w)?.sum_all()?)?;
+    assert_eq!(entries(f(x.as_tensor())?)?, plain);
+    let theirs = entries((candle_nn::ops::dropout(x.as_tensor(), 0.3)? * &w)?.sum_all()?)?;
+    assert_eq!(theirs, plain + 1);
+    Ok(())
+}

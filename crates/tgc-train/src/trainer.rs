@@ -485,6 +485,13 @@ fn batch_inputs(model: &TgcNet, store: &mut FeatureStore, batch: &Batch) -> Resu
     })
 }
 
+/// The seed of the dropout masks of one data-parallel part of one training step: they
+/// depend on the run's seed, the step and the part only, so a resumed run draws the
+/// masks the uninterrupted one drew.
+fn dropout_seed(run_seed: u64, step: u64, part: usize) -> u64 {
+    run_seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (step << 8) ^ part as u64
+}
+
 /// The forward pass of a batch whose frozen features were looked up by [`batch_inputs`].
 fn forward_inputs(
     model: &TgcNet,
@@ -1007,7 +1014,9 @@ impl<'a> Trainer<'a> {
             let loss = dice_bce(logits, &b.masks, w_bce, 1.0 - w_bce)?;
             Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, loss))
         };
+        let (run_seed, step) = (self.cfg.seed, self.steps());
         if parts == 1 {
+            tgc_nn::seed_dropout(dropout_seed(run_seed, step, 0));
             let logits = batch_logits(self.model, &mut self.store, batch, true)?;
             let (value, loss) = loss_of(&logits, batch)?;
             return Ok((value, loss.backward()?));
@@ -1029,9 +1038,12 @@ impl<'a> Trainer<'a> {
                 .iter()
                 .zip(&inputs)
                 .zip(&self.part_pools)
-                .map(|((b, inp), pool)| {
+                .enumerate()
+                .map(|(part, ((b, inp), pool))| {
                     scope.spawn(move || -> Result<(f64, GradStore)> {
                         let work = || -> Result<(f64, GradStore)> {
+                            // Seeded on the pool's thread, where the forward pass runs.
+                            tgc_nn::seed_dropout(dropout_seed(run_seed, step, part));
                             let logits = forward_inputs(model, inp, b, true)?;
                             let (value, loss) = loss_of(&logits, b)?;
                             let share = b.len() as f64 / total;

@@ -39,20 +39,32 @@ fn quiet(max_steps: u64) -> TrainConfig {
 
 #[test]
 fn resuming_mid_epoch_equals_training_straight_through() {
-    resume_equals_straight_through(1);
+    resume_equals_straight_through(1, 0.0);
 }
 
 #[test]
 fn resuming_mid_epoch_equals_training_straight_through_data_parallel() {
-    resume_equals_straight_through(2);
+    resume_equals_straight_through(2, 0.0);
 }
 
-fn resume_equals_straight_through(data_parallel: usize) {
+/// Dropout in the MSDeformAttn encoder, DATE and the decoder: its masks are drawn from
+/// the run's seed and the step, so a resumed run draws the same ones, with one part or
+/// two on their own threads.
+#[test]
+fn resuming_with_dropout_equals_training_straight_through() {
+    resume_equals_straight_through(1, 0.2);
+    resume_equals_straight_through(2, 0.2);
+}
+
+fn resume_equals_straight_through(data_parallel: usize, dropout: f32) {
     let quiet = |steps| TrainConfig {
         data_parallel,
         ..quiet(steps)
     };
-    let cfg = TgcConfig::tiny();
+    let mut cfg = TgcConfig::tiny();
+    cfg.sse.msda.dropout = dropout;
+    cfg.date.dropout = f64::from(dropout);
+    cfg.decoder.dropout = dropout;
     let pre = preprocess(&cfg);
     let train = phantoms(12, 1, cfg.label_size);
     let val = phantoms(4, 2, cfg.label_size);
@@ -99,6 +111,34 @@ fn resume_equals_straight_through(data_parallel: usize) {
         changed |= v0 != va;
     }
     assert!(changed, "training did not change the weights");
+    if dropout > 0.0 {
+        // The dropout is live: without it the same steps end elsewhere.
+        let mut plain = cfg.clone();
+        plain.sse.msda.dropout = 0.0;
+        plain.date.dropout = 0.0;
+        plain.decoder.dropout = 0.0;
+        let d = model(&plain);
+        Trainer::new(
+            &d,
+            quiet(6),
+            phantoms(12, 1, cfg.label_size),
+            phantoms(4, 2, cfg.label_size),
+            pre,
+            dir.path().join("d"),
+        )
+        .unwrap()
+        .fit()
+        .unwrap();
+        let wd = d.trainable_tensors();
+        assert!(
+            wa.iter().any(|(name, t)| {
+                let va: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                let vd: Vec<f32> = wd[name].flatten_all().unwrap().to_vec1().unwrap();
+                va != vd
+            }),
+            "dropout {dropout} changed nothing"
+        );
+    }
 }
 
 /// Rotations and zooms: a resumed run repeats the same draws (bit-exact weights), the
