@@ -67,6 +67,12 @@ struct Args {
     /// 1.
     #[arg(long, default_value_t = 0)]
     data_parallel: usize,
+    /// Split each batch into this many micro-batches run one after another, their
+    /// gradients summed before the step (gradient accumulation,
+    /// `TrainConfig::micro_batches`): the paper preset's batch 8 on a GPU that holds
+    /// only a few images' activations (docs/reproducing.md).
+    #[arg(long, default_value_t = 1)]
+    micro_batches: usize,
     /// Seed of the trainable modules' initialisation and of the data order
     /// (`TgcNet::new_seeded`, `TrainConfig::seed`). Without it: 0 for the initialisation
     /// and `TrainConfig::seed`'s default for the data.
@@ -149,6 +155,7 @@ fn train() -> Result<()> {
                 epochs: args.epochs.unwrap_or(recipe.epochs),
                 lr: args.lr.unwrap_or(recipe.lr),
                 data_parallel,
+                micro_batches: args.micro_batches,
                 seed: args.seed.unwrap_or(recipe.seed),
                 ..recipe
             };
@@ -210,6 +217,7 @@ fn train() -> Result<()> {
             }
             tc.cache_dir = Some(args.out.join("feature-cache"));
             tc.data_parallel = data_parallel;
+            tc.micro_batches = args.micro_batches;
             if let Some(seed) = args.seed {
                 tc.seed = seed;
             }

@@ -124,6 +124,12 @@ struct Args {
     /// 1.
     #[arg(long, default_value_t = 0)]
     data_parallel: usize,
+    /// Split each batch into this many micro-batches run one after another, their
+    /// gradients summed before the step (gradient accumulation,
+    /// `TrainConfig::micro_batches`): the paper preset's batch 8 on a GPU that holds
+    /// only a few images' activations (docs/reproducing.md).
+    #[arg(long, default_value_t = 1)]
+    micro_batches: usize,
     /// Override the preset's text FiLM in the decoder (`true` or `false`; the `cpu`
     /// preset has it on, `paper` and `tiny` off). Not in the paper: see tgc-decoder.
     #[arg(long)]
@@ -301,6 +307,7 @@ fn run() -> Result<()> {
     let base = TrainConfig {
         cache_dir: Some(args.out.join("feature-cache")),
         data_parallel,
+        micro_batches: args.micro_batches,
         batch_size: args.batch,
         max_rotation_deg: args.rotate,
         scale_range: args.scale,

@@ -124,6 +124,13 @@ pub struct TrainConfig {
     /// unsplit batch's up to floating-point rounding, and resuming stays bit-exact for
     /// the same setting.
     pub data_parallel: usize,
+    /// Split every training batch into this many micro-batches whose forward and
+    /// backward passes run one after another, their gradients summed before the one
+    /// optimiser step (1: off): gradient accumulation, for a batch whose activations do
+    /// not fit the device at once (the `paper` preset needs about 3.7 GiB per image,
+    /// docs/reproducing.md). Each micro-batch is split again by `data_parallel`. The
+    /// gradients equal the whole batch's up to floating-point rounding.
+    pub micro_batches: usize,
     /// Fit the run into this many seconds of [`Trainer::fit`] (None). After every whole
     /// epoch the trainer measures its average seconds per step and per validation so far
     /// and re-plans: `max_steps` and the cosine schedule's length become the most steps
@@ -168,6 +175,7 @@ impl Default for TrainConfig {
             overlays: 4,
             progress: true,
             data_parallel: 1,
+            micro_batches: 1,
             time_budget_secs: None,
             ema_decay: 0.0,
         }
@@ -1002,12 +1010,57 @@ impl<'a> Trainer<'a> {
 
     /// The loss of one training batch and the gradients of the trainable parameters,
     /// as a training step computes them (nothing is updated): the batch is split into
-    /// `data_parallel` parts on their own threads and thread pools when that is above 1
-    /// (the global pool's threads shared out evenly, at least one per part), each part's loss
-    /// weighted by its share of the images so that the sum is the whole batch's loss,
-    /// and the gradients summed in part order (deterministic). Frozen features come from
-    /// (and go into) the trainer's cache.
+    /// `micro_batches` chunks run one after another (only one chunk's activations live
+    /// at a time), each chunk into `data_parallel` parts on their own threads and
+    /// thread pools when that is above 1 (the global pool's threads shared out evenly,
+    /// at least one per part), each part's loss weighted by its share of the images so
+    /// that the sum is the whole batch's loss, and the gradients summed in chunk and
+    /// part order (deterministic). Frozen features come from (and go into) the
+    /// trainer's cache.
     pub fn loss_and_gradients(&mut self, batch: &Batch) -> Result<(f64, GradStore)> {
+        let chunks = self.cfg.micro_batches.clamp(1, batch.len().max(1));
+        if chunks == 1 {
+            return self.chunk_loss_and_gradients(batch, batch.len(), 0);
+        }
+        let mut value = 0.0;
+        let mut merged: Option<GradStore> = None;
+        for (i, chunk) in batch.split(chunks)?.iter().enumerate() {
+            let (v, grads) = self.chunk_loss_and_gradients(chunk, batch.len(), i)?;
+            value += v;
+            merged = Some(match merged {
+                None => grads,
+                Some(mut m) => {
+                    self.add_var_gradients(&mut m, &grads)?;
+                    m
+                }
+            });
+        }
+        Ok((value, merged.expect("a batch has at least one chunk")))
+    }
+
+    /// Adds the trainable parameters' gradients in `from` to those in `into`.
+    fn add_var_gradients(&self, into: &mut GradStore, from: &GradStore) -> Result<()> {
+        for (_, var) in self.opt.vars() {
+            let t = var.as_tensor();
+            if let Some(g) = from.get(t) {
+                let sum = match into.remove(t) {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                };
+                into.insert(t, sum);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::loss_and_gradients`] of chunk `chunk` of a batch of `total` images: the
+    /// loss is weighted by the chunk's share of the batch.
+    fn chunk_loss_and_gradients(
+        &mut self,
+        batch: &Batch,
+        total: usize,
+        chunk: usize,
+    ) -> Result<(f64, GradStore)> {
         let w_bce = self.cfg.bce_weight;
         let parts = self.cfg.data_parallel.clamp(1, batch.len().max(1));
         let loss_of = |logits: &Tensor, b: &Batch| -> Result<(f64, Tensor)> {
@@ -1015,11 +1068,18 @@ impl<'a> Trainer<'a> {
             Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, loss))
         };
         let (run_seed, step) = (self.cfg.seed, self.steps());
+        // Dropout streams are numbered across the chunks' parts: chunk 0's parts keep
+        // the numbers they had before micro-batches existed.
+        let first_part = chunk * self.cfg.data_parallel.max(1);
         if parts == 1 {
-            tgc_nn::seed_dropout(dropout_seed(run_seed, step, 0));
+            tgc_nn::seed_dropout(dropout_seed(run_seed, step, first_part));
             let logits = batch_logits(self.model, &mut self.store, batch, true)?;
             let (value, loss) = loss_of(&logits, batch)?;
-            return Ok((value, loss.backward()?));
+            if batch.len() == total {
+                return Ok((value, loss.backward()?));
+            }
+            let share = batch.len() as f64 / total as f64;
+            return Ok((value * share, (loss * share)?.backward()?));
         }
         if self.part_pools.len() < parts {
             // `parts` is below `data_parallel` only for a short batch.
@@ -1032,7 +1092,7 @@ impl<'a> Trainer<'a> {
             .map(|b| batch_inputs(self.model, &mut self.store, b))
             .collect::<Result<Vec<_>>>()?;
         let model = self.model;
-        let total = batch.len() as f64;
+        let total = total as f64;
         let results: Vec<Result<(f64, GradStore)>> = std::thread::scope(|scope| {
             let handles: Vec<_> = subs
                 .iter()
@@ -1043,7 +1103,7 @@ impl<'a> Trainer<'a> {
                     scope.spawn(move || -> Result<(f64, GradStore)> {
                         let work = || -> Result<(f64, GradStore)> {
                             // Seeded on the pool's thread, where the forward pass runs.
-                            tgc_nn::seed_dropout(dropout_seed(run_seed, step, part));
+                            tgc_nn::seed_dropout(dropout_seed(run_seed, step, first_part + part));
                             let logits = forward_inputs(model, inp, b, true)?;
                             let (value, loss) = loss_of(&logits, b)?;
                             let share = b.len() as f64 / total;
@@ -1072,18 +1132,8 @@ impl<'a> Trainer<'a> {
             stores.push(g);
         }
         let mut merged = stores.remove(0);
-        for (_, var) in self.opt.vars() {
-            let t = var.as_tensor();
-            let mut sum = merged.remove(t);
-            for g in stores.iter().filter_map(|s| s.get(t)) {
-                sum = Some(match sum {
-                    Some(a) => (a + g)?,
-                    None => g.clone(),
-                });
-            }
-            if let Some(sum) = sum {
-                merged.insert(t, sum);
-            }
+        for grads in &stores {
+            self.add_var_gradients(&mut merged, grads)?;
         }
         Ok((value, merged))
     }

@@ -441,11 +441,12 @@ fn schedule_steps_fits_the_schedule_into_a_step_budget() {
     assert!(lr < 0.2 * tc.lr, "still warming up: {lr}");
 }
 
-/// Splitting a batch over threads changes only the rounding: the loss and every
-/// trainable parameter's gradient equal the unsplit batch's (an uneven 3 + 2 split and
-/// a 5-way split of a batch of 5).
+/// Splitting a batch over threads or into micro-batches run one after another changes
+/// only the rounding: the loss and every trainable parameter's gradient equal the
+/// unsplit batch's (an uneven 3 + 2 split and a 5-way split of a batch of 5, in threads
+/// or in micro-batches, and micro-batches split again over two threads).
 #[test]
-fn data_parallel_gradients_equal_the_whole_batch() {
+fn data_parallel_and_micro_batch_gradients_equal_the_whole_batch() {
     let cfg = TgcConfig::tiny();
     let pre = preprocess(&cfg);
     let train = phantoms(5, 3, cfg.label_size);
@@ -462,29 +463,30 @@ fn data_parallel_gradients_equal_the_whole_batch() {
     );
     let batch = loader.epoch(0).next().unwrap().unwrap();
     assert_eq!(batch.len(), 5);
-    let grads = |dp: usize| {
+    let grads = |dp: usize, micro: usize| {
         let tc = TrainConfig {
             data_parallel: dp,
+            micro_batches: micro,
             ..quiet(1)
         };
         let mut t = Trainer::new(&net, tc, train.clone(), val.clone(), pre, dir.path()).unwrap();
         t.loss_and_gradients(&batch).unwrap()
     };
-    let (l1, g1) = grads(1);
+    let (l1, g1) = grads(1, 1);
     let vars = net.trainable_vars();
     assert!(!vars.is_empty());
-    for dp in [2, 5] {
-        let (l, g) = grads(dp);
+    for (dp, micro) in [(2, 1), (5, 1), (1, 2), (1, 5), (2, 2)] {
+        let (l, g) = grads(dp, micro);
         assert!(
             (l - l1).abs() < 1e-6 * l1.abs().max(1.0),
-            "loss {l} vs {l1} (dp {dp})"
+            "loss {l} vs {l1} (dp {dp}, micro {micro})"
         );
         for (name, var) in &vars {
             let t = var.as_tensor();
             let a: Vec<f32> = g1.get(t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let b: Vec<f32> = g
                 .get(t)
-                .unwrap_or_else(|| panic!("{name}: no gradient (dp {dp})"))
+                .unwrap_or_else(|| panic!("{name}: no gradient (dp {dp}, micro {micro})"))
                 .flatten_all()
                 .unwrap()
                 .to_vec1()
@@ -493,7 +495,7 @@ fn data_parallel_gradients_equal_the_whole_batch() {
             for (x, y) in a.iter().zip(&b) {
                 assert!(
                     (x - y).abs() <= 1e-4 * scale,
-                    "{name}: {x} vs {y} (dp {dp})"
+                    "{name}: {x} vs {y} (dp {dp}, micro {micro})"
                 );
             }
         }
