@@ -493,11 +493,12 @@ fn batch_inputs(model: &TgcNet, store: &mut FeatureStore, batch: &Batch) -> Resu
     })
 }
 
-/// The seed of the dropout masks of one data-parallel part of one training step: they
-/// depend on the run's seed, the step and the part only, so a resumed run draws the
-/// masks the uninterrupted one drew.
+/// The seed of the dropout masks of one part (data-parallel or micro-batch) of one
+/// training step: they depend on the run's seed, the step and the part only, so a
+/// resumed run draws the masks the uninterrupted one drew. Distinct (step, part) pairs
+/// give distinct seeds while parts stay below 2^16 (a part holds at least one image).
 fn dropout_seed(run_seed: u64, step: u64, part: usize) -> u64 {
-    run_seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (step << 8) ^ part as u64
+    run_seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (step << 16) ^ part as u64
 }
 
 /// The forward pass of a batch whose frozen features were looked up by [`batch_inputs`].
