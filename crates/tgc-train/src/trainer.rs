@@ -1076,9 +1076,7 @@ impl<'a> Trainer<'a> {
             tgc_nn::seed_dropout(dropout_seed(run_seed, step, first_part));
             let logits = batch_logits(self.model, &mut self.store, batch, true)?;
             let (value, loss) = loss_of(&logits, batch)?;
-            if batch.len() == total {
-                return Ok((value, loss.backward()?));
-            }
+            // A share of 1 (the whole batch) multiplies exactly.
             let share = batch.len() as f64 / total as f64;
             return Ok((value * share, (loss * share)?.backward()?));
         }
