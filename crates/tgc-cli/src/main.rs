@@ -87,7 +87,9 @@ struct TrainArgs {
     /// LViT dataset folder (Train_Folder, Val_Folder with img/, labelcol/ and a text table).
     #[arg(long, conflicts_with_all = ["phantoms", "volumes"])]
     data: Option<PathBuf>,
-    /// Train on synthetic phantoms instead: ct or cxr (640 train seed 1, 128 val seed 2).
+    /// Train on synthetic phantoms instead: ct or cxr (640 train seed 1, 128 val seed 2;
+    /// the main job's recipe unless the file's [train] table says otherwise: lr 1e-3, 10
+    /// epochs, `TrainConfig::for_phantoms`).
     #[arg(long, conflicts_with = "volumes")]
     phantoms: Option<String>,
     /// Train on a folder of labelled CT volumes instead (the root of the file's [volumes]
