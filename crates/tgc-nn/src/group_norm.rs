@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
-use crate::kernel::{cpu_kernel3, Float, Kernel3};
+use crate::kernel::{cpu_kernel3, split_affine_grads, Float, Kernel3};
 use crate::layer_norm::row_stats;
 
 /// Group geometry of a contiguous `N x C x spatial...` tensor.
@@ -160,11 +160,7 @@ impl CustomOp3 for GroupNormOp {
                 eps: self.eps,
             },
         )?;
-        let (n, c) = (x.elem_count(), w.elem_count());
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, n, c)?.reshape(w.shape())?;
-        let db = packed.narrow(0, n + c, c)?.reshape(w.shape())?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        split_affine_grads(&packed, x, w)
     }
 }
 

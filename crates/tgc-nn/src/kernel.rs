@@ -7,7 +7,7 @@
 //! contiguous ranges (an error naming the input otherwise) and wrap the result, so an
 //! op's `cpu_fwd` is one call.
 
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, Layout, Result, Tensor};
 
 /// Float operations the kernels need, for f32 and f64.
 pub(crate) trait Float:
@@ -132,4 +132,19 @@ pub(crate) fn cpu_kernel3(
         )),
         _ => candle_core::bail!("{dtype_error}"),
     })
+}
+
+/// The gradients of an affine normalisation (LayerNorm, GroupNorm) from its fused
+/// backward kernel, which returns them packed flat as `[dx | dw | db]` so that one pass
+/// over `x` produces all three; `db` has the weight's shape.
+pub(crate) fn split_affine_grads(
+    packed: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (n, c) = (x.elem_count(), w.elem_count());
+    let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+    let dw = packed.narrow(0, n, c)?.reshape(w.shape())?;
+    let db = packed.narrow(0, n + c, c)?.reshape(w.shape())?;
+    Ok((Some(dx), Some(dw), Some(db)))
 }

@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::kernel::{cpu_kernel3, Float, Kernel3};
+use crate::kernel::{cpu_kernel3, split_affine_grads, Float, Kernel3};
 
 /// Rows per task of the backward pass (and per partial sum of the parameter gradients).
 const BWD_ROWS: usize = 64;
@@ -147,11 +147,7 @@ impl CustomOp3 for LayerNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = grad_res.contiguous()?;
         let packed = x.apply_op3_no_bwd(w, &g, &LayerNormBackward { eps: self.eps })?;
-        let (n, dim) = (x.elem_count(), w.elem_count());
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, n, dim)?.reshape(w.shape())?;
-        let db = packed.narrow(0, n + dim, dim)?.reshape(w.shape())?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        split_affine_grads(&packed, x, w)
     }
 }
 
