@@ -360,12 +360,8 @@ pub fn split(s: &str) -> Result<Split> {
 /// draw tried); batches split over two threads on machines with at most 4 cores
 /// ([`tgc_train::default_data_parallel`]).
 pub fn default_train(data: Option<&Path>) -> TrainConfig {
-    let data_parallel = tgc_train::default_data_parallel();
     match data {
-        None => TrainConfig {
-            data_parallel,
-            ..TrainConfig::for_phantoms()
-        },
+        None => TrainConfig::for_phantoms(),
         Some(d) => {
             let name = d
                 .file_name()
@@ -379,7 +375,7 @@ pub fn default_train(data: Option<&Path>) -> TrainConfig {
                 name.as_str()
             };
             TrainConfig {
-                data_parallel,
+                data_parallel: tgc_train::default_data_parallel(),
                 ..TrainConfig::for_dataset(key)
             }
         }
