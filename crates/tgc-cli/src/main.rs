@@ -11,6 +11,8 @@
 //! tgc eval --checkpoint runs/spleen/best.safetensors --volumes Task09_Spleen --last-volumes 8
 //! tgc predict --checkpoint runs/demo/best.safetensors --image x.png \
 //!     --text "left lung opacity" --out mask.png --overlay overlay.png
+//! tgc predict --checkpoint runs/demo/best.safetensors --list reports.csv --out masks/
+//! tgc eval --checkpoint runs/a/best.safetensors runs/b/best.safetensors --phantoms ct  # ensemble
 //! tgc --device cuda:0 eval --checkpoint runs/demo/best.safetensors --phantoms ct   # --features cuda
 //! tgc info --preset paper
 //! ```
@@ -32,7 +34,7 @@ use tgc_data::{
     SegMetrics, Volume, VolumeAssembler,
 };
 use tgc_model::{TgcConfig, TgcNet, WeightSource, CONFIG_METADATA_KEY};
-use tgc_train::{evaluate, FeatureStore, ImageScore, Trainer, Tta};
+use tgc_train::{evaluate_ensemble, FeatureStore, ImageScore, Trainer, Tta};
 
 use run::RunFile;
 
@@ -116,9 +118,11 @@ struct TrainArgs {
 #[derive(clap::Args, Debug)]
 struct EvalArgs {
     /// Checkpoint (best.safetensors / last.safetensors); the model config is read from
-    /// its metadata.
-    #[arg(long)]
-    checkpoint: PathBuf,
+    /// its metadata. Several (`--checkpoint a.safetensors b.safetensors`) are evaluated as
+    /// an ensemble: per image the members' probability maps are averaged, then
+    /// thresholded. Members must share the input sizes (clip_size, cnn_size, label_size).
+    #[arg(long, required = true, num_args = 1..)]
+    checkpoint: Vec<PathBuf>,
     /// LViT dataset folder to evaluate on.
     #[arg(
         long,
@@ -200,15 +204,26 @@ struct EvalArgs {
 
 #[derive(clap::Args, Debug)]
 struct PredictArgs {
-    /// Checkpoint; the model config is read from its metadata.
-    #[arg(long)]
-    checkpoint: PathBuf,
+    /// Checkpoint; the model config is read from its metadata. Several predict with
+    /// their ensemble (the mean of their probability maps), as `tgc eval` does.
+    #[arg(long, required = true, num_args = 1..)]
+    checkpoint: Vec<PathBuf>,
     /// Input image (PNG; grey or RGB).
-    #[arg(long, required_unless_present = "volume", conflicts_with = "volume")]
+    #[arg(
+        long,
+        required_unless_present_any = ["volume", "list"],
+        conflicts_with_all = ["volume", "list"]
+    )]
     image: Option<PathBuf>,
     /// The primary text prompt (a report sentence).
-    #[arg(long, required_unless_present = "volume")]
+    #[arg(long, required_unless_present_any = ["volume", "list"], conflicts_with = "list")]
     text: Option<String>,
+    /// Many images in one run (the model loads once): a CSV file with the columns
+    /// `image` and `text`, optionally `aux_text` (else derived from `text` as for --text)
+    /// and `out` (the mask's file name, default `<image stem>.png`). Image paths are
+    /// relative to the CSV file's folder; --out (and --overlay) are then folders.
+    #[arg(long, conflicts_with_all = ["volume", "aux_text"])]
+    list: Option<PathBuf>,
     /// A CT volume (.nii / .nii.gz) instead of --image: every axial slice is segmented
     /// once per organ in --organs and --out receives a u8 NIfTI label map (organ i of the
     /// list = label i, background 0; per voxel the organ of highest probability above
@@ -233,13 +248,14 @@ struct PredictArgs {
     modality: String,
     /// Output mask PNG (0 / 255). Written at the input image's size (the label-size
     /// prediction resized with nearest neighbour), or at the label size with
-    /// --label-size-output.
+    /// --label-size-output. With --list, the folder the masks are written to.
     #[arg(long)]
     out: PathBuf,
     /// Keep the mask at the model's label size instead of the input image size.
     #[arg(long)]
     label_size_output: bool,
-    /// Also write an overlay PNG (prediction contour and the prompt as caption).
+    /// Also write an overlay PNG (prediction contour and the prompt as caption). With
+    /// --list, a folder that receives one overlay per row, named as its mask.
     #[arg(long)]
     overlay: Option<PathBuf>,
     /// Probability threshold of the mask.
@@ -586,6 +602,33 @@ fn load_trained(checkpoint: &Path, clip_flag: Option<&str>, dev: &Device) -> Res
     Ok(model)
 }
 
+/// The checkpoints of an ensemble (one or more), each with its own frozen CLIP weights
+/// (`--clip-weights`, else its run.json); they must read the same input sizes.
+fn load_ensemble(
+    checkpoints: &[PathBuf],
+    clip_flag: Option<&str>,
+    dev: &Device,
+) -> Result<Vec<TgcNet>> {
+    let mut models: Vec<TgcNet> = Vec::with_capacity(checkpoints.len());
+    for path in checkpoints {
+        let model = load_trained(path, clip_flag, dev)?;
+        if let Some(first) = models.first() {
+            let sizes = |c: &TgcConfig| (c.clip_size, c.cnn_size, c.label_size);
+            let (want, got) = (sizes(first.config()), sizes(model.config()));
+            if want != got {
+                bail!(
+                    "checkpoint {} reads (clip, cnn, label) sizes {got:?}, but {} reads \
+                     {want:?}: the members of an ensemble must share the input sizes",
+                    path.display(),
+                    checkpoints[0].display()
+                );
+            }
+        }
+        models.push(model);
+    }
+    Ok(models)
+}
+
 fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
     // clap's `requires` gives way to the conflict with --data / --phantoms.
     if a.volumes.is_none() && (a.layout.is_some() || !a.organs.is_empty()) {
@@ -597,10 +640,10 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
              with the organ of highest probability above 0.5"
         );
     }
-    let model = load_trained(&a.checkpoint, a.clip_weights.as_deref(), dev)?;
-    let cfg = model.config().clone();
+    let models = load_ensemble(&a.checkpoint, a.clip_weights.as_deref(), dev)?;
+    let cfg = models[0].config().clone();
     if let Some(root) = &a.volumes {
-        return eval_volumes(&a, root, &model);
+        return eval_volumes(&a, root, &models);
     }
     let ds: Arc<dyn SegDataset> = match (&a.data, &a.phantoms) {
         (Some(root), _) => {
@@ -629,7 +672,6 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
         bail!("--threshold {t}: a threshold is a probability in [0, 1]");
     }
     let pre = preprocess_of(&cfg);
-    let mut store = FeatureStore::new(None, &pre, false);
     // Every threshold is scored on the same probability maps, so a sweep costs one pass.
     let mut sweep: Vec<SegMetrics> = a
         .threshold
@@ -639,12 +681,12 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
     let mut by_size = LesionSizeBreakdown::new(a.threshold[0]);
     let mut scores = vec![];
     let mut shares = vec![];
-    evaluate(
-        &model,
+    let members: Vec<&TgcNet> = models.iter().collect();
+    evaluate_ensemble(
+        &members,
         ds.clone(),
         pre,
         a.batch_size,
-        &mut store,
         a.progress,
         a.tta,
         |batch, probs| {
@@ -667,6 +709,9 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
         },
     )?;
     println!("dataset   {} ({} images)", ds.name(), ds.len());
+    if models.len() > 1 {
+        println!("ensemble  {} checkpoints", models.len());
+    }
     if let [m] = sweep.as_slice() {
         let m = m.summary();
         println!("threshold {}", a.threshold[0]);
@@ -719,7 +764,7 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
 }
 
 /// `tgc eval --volumes`: 3D Dice per volume and organ of the reassembled label maps.
-fn eval_volumes(a: &EvalArgs, root: &Path, model: &TgcNet) -> Result<()> {
+fn eval_volumes(a: &EvalArgs, root: &Path, models: &[TgcNet]) -> Result<()> {
     let layout = a.layout.clone().unwrap_or_else(|| "msd".into());
     let suffix = match (layout.as_str(), a.split.as_str()) {
         ("word", "train") => "Tr",
@@ -759,7 +804,7 @@ fn eval_volumes(a: &EvalArgs, root: &Path, model: &TgcNet) -> Result<()> {
     let n_volumes = end - first;
     let organs: Vec<(u8, String)> = ds.organs().to_vec();
     let prompts: Vec<&str> = organs.iter().map(|(_, n)| n.as_str()).collect();
-    let pre = preprocess_of(model.config());
+    let pre = preprocess_of(models[0].config());
     let s = pre.label_size;
     let slices: usize = (first..end)
         .map(|v| {
@@ -787,7 +832,7 @@ fn eval_volumes(a: &EvalArgs, root: &Path, model: &TgcNet) -> Result<()> {
             volumes.push(VolumeAssembler::new(&ds, v)?);
         }
         let sample = ds.get(i)?;
-        let probs = predict_sample(model, &pre, &sample, &prompts, &prompts, a.tta)?;
+        let probs = predict_sample(models, &pre, &sample, &prompts, &prompts, a.tta)?;
         for o in 0..organs.len() {
             volumes[v - first].add_slice(k, o, &probs[o * s * s..(o + 1) * s * s], s, s)?;
         }
@@ -867,8 +912,11 @@ fn predict(a: PredictArgs, dev: &Device) -> Result<()> {
     if let Some(vol) = &a.volume {
         return predict_volume(&a, vol, dev);
     }
+    if let Some(list) = &a.list {
+        return predict_list(&a, list, dev);
+    }
     let (Some(image_path), Some(text)) = (&a.image, &a.text) else {
-        bail!("pass --image and --text (or --volume and --organs)");
+        bail!("pass --image and --text (or --volume and --organs, or --list)");
     };
     if text.trim().is_empty() {
         bail!("--text is empty: give the report sentence that describes the finding");
@@ -881,31 +929,61 @@ fn predict(a: PredictArgs, dev: &Device) -> Result<()> {
     }
     let image = read_image(image_path)
         .with_context(|| format!("cannot read image {}", image_path.display()))?;
-    let model = load_trained(&a.checkpoint, a.clip_weights.as_deref(), dev)?;
-    let cfg = model.config().clone();
-    let pre = preprocess_of(&cfg);
+    let models = load_ensemble(&a.checkpoint, a.clip_weights.as_deref(), dev)?;
+    let job = PredictJob {
+        image_path,
+        text,
+        aux_text: a.aux_text.as_deref(),
+        out: &a.out,
+        overlay: a.overlay.as_deref(),
+    };
+    let (ow, oh, fg) = predict_image(&a, &models, image, &job)?;
+    println!(
+        "mask {}x{} ({} foreground pixels, {:.2}%) -> {}",
+        ow,
+        oh,
+        fg,
+        100.0 * fg as f64 / (oh * ow) as f64,
+        a.out.display()
+    );
+    if let Some(ov) = &a.overlay {
+        println!("overlay -> {}", ov.display());
+    }
+    Ok(())
+}
+
+/// One image of `tgc predict`: what to segment and where the results go.
+struct PredictJob<'a> {
+    image_path: &'a Path,
+    text: &'a str,
+    aux_text: Option<&'a str>,
+    out: &'a Path,
+    overlay: Option<&'a Path>,
+}
+
+/// Segments `image` as `job` says with the ensemble `models` and writes its mask (and
+/// overlay); returns the mask's width, height and foreground pixel count.
+fn predict_image(
+    a: &PredictArgs,
+    models: &[TgcNet],
+    image: tgc_data::ImageF32,
+    job: &PredictJob,
+) -> Result<(usize, usize, usize)> {
+    let cfg = models[0].config();
+    let pre = preprocess_of(cfg);
     let (h, w) = (image.height, image.width);
-    let aux = a
+    let aux = job
         .aux_text
-        .clone()
-        .unwrap_or_else(|| radiology_rewrite(text, &a.modality));
+        .map_or_else(|| radiology_rewrite(job.text, &a.modality), String::from);
     // The same resampling and normalisation as the training loader (no augmentation).
     let sample = Sample {
-        id: image_path.display().to_string(),
+        id: job.image_path.display().to_string(),
         image,
         mask: Mask::zeros(h, w),
-        caption: text.clone(),
+        caption: job.text.to_string(),
         aux_caption: Some(aux.clone()),
     };
-    let dev = Device::Cpu;
-    let probs = predict_sample(
-        &model,
-        &pre,
-        &sample,
-        &[text.as_str()],
-        &[aux.as_str()],
-        a.tta,
-    )?;
+    let probs = predict_sample(models, &pre, &sample, &[job.text], &[aux.as_str()], a.tta)?;
     let s = cfg.label_size;
     let (oh, ow, plane) = if a.label_size_output {
         (s, s, probs)
@@ -919,21 +997,13 @@ fn predict(a: PredictArgs, dev: &Device) -> Result<()> {
     let fg = mask.iter().filter(|&&v| v > 0).count();
     image::GrayImage::from_raw(ow as u32, oh as u32, mask)
         .context("mask buffer size")?
-        .save(&a.out)
-        .with_context(|| format!("cannot write {}", a.out.display()))?;
-    println!(
-        "mask {}x{} ({} foreground pixels, {:.2}%) -> {}",
-        ow,
-        oh,
-        fg,
-        100.0 * fg as f64 / (oh * ow) as f64,
-        a.out.display()
-    );
-    if let Some(ov) = &a.overlay {
+        .save(job.out)
+        .with_context(|| format!("cannot write {}", job.out.display()))?;
+    if let Some(ov) = job.overlay {
         // The overlay is drawn at the mask's size on the grey image.
+        let c = sample.image.channels;
         let grey: Vec<f32> = (0..h * w)
             .map(|i| {
-                let c = sample.image.channels;
                 (0..c)
                     .map(|k| sample.image.data[k * h * w + i])
                     .sum::<f32>()
@@ -945,34 +1015,154 @@ fn predict(a: PredictArgs, dev: &Device) -> Result<()> {
         } else {
             resize_nearest(&grey, h, w, oh, ow)
         };
-        let img_t = Tensor::from_vec(grey, (oh, ow), &dev)?;
-        let m_t = Tensor::from_vec(plane, (oh, ow), &dev)?;
-        tgc_train::write_overlay(&img_t, &m_t, None, text, ov)
+        let img_t = Tensor::from_vec(grey, (oh, ow), &Device::Cpu)?;
+        let m_t = Tensor::from_vec(plane, (oh, ow), &Device::Cpu)?;
+        tgc_train::write_overlay(&img_t, &m_t, None, job.text, ov)
             .with_context(|| format!("cannot write overlay {}", ov.display()))?;
-        println!("overlay -> {}", ov.display());
+    }
+    Ok((ow, oh, fg))
+}
+
+/// One row of a `tgc predict --list` file.
+#[derive(serde::Deserialize)]
+struct ListRow {
+    image: PathBuf,
+    text: String,
+    #[serde(default)]
+    aux_text: Option<String>,
+    #[serde(default)]
+    out: Option<PathBuf>,
+}
+
+/// The rows of a `--list` file, checked before any model loads: every image exists,
+/// every prompt is non-empty and no two rows write the same mask. Returns (image path,
+/// row, mask file name), the image resolved against the file's folder.
+fn read_list(list: &Path) -> Result<Vec<(PathBuf, ListRow, PathBuf)>> {
+    let base = list.parent().unwrap_or(Path::new("."));
+    let mut reader = csv::Reader::from_path(list)
+        .with_context(|| format!("cannot read the list {}", list.display()))?;
+    let mut rows = vec![];
+    let mut seen: std::collections::HashMap<PathBuf, usize> = Default::default();
+    for (i, row) in reader.deserialize::<ListRow>().enumerate() {
+        // Line numbers as an editor shows them: the header is line 1.
+        let line = i + 2;
+        let row = row.with_context(|| {
+            format!(
+                "{} line {line}: expected the columns image,text[,aux_text][,out]",
+                list.display()
+            )
+        })?;
+        if row.text.trim().is_empty() {
+            bail!("{} line {line}: the text is empty", list.display());
+        }
+        if row.aux_text.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            bail!(
+                "{} line {line}: aux_text is empty (leave the column out to derive it)",
+                list.display()
+            );
+        }
+        let image = base.join(&row.image);
+        if !image.is_file() {
+            bail!(
+                "{} line {line}: image {} not found",
+                list.display(),
+                image.display()
+            );
+        }
+        // An empty field reads as None: the default name.
+        let name = match &row.out {
+            Some(o) => o.clone(),
+            None => {
+                let stem = row.image.file_stem().with_context(|| {
+                    format!("{} line {line}: the image has no file name", list.display())
+                })?;
+                PathBuf::from(stem).with_extension("png")
+            }
+        };
+        if let Some(first) = seen.insert(name.clone(), line) {
+            bail!(
+                "{} lines {first} and {line} both write {}: give one of them an out column",
+                list.display(),
+                name.display()
+            );
+        }
+        rows.push((image, row, name));
+    }
+    if rows.is_empty() {
+        bail!("{} lists no images", list.display());
+    }
+    Ok(rows)
+}
+
+/// `tgc predict --list`: every row of the CSV file with one loaded model.
+fn predict_list(a: &PredictArgs, list: &Path, dev: &Device) -> Result<()> {
+    let rows = read_list(list)?;
+    let models = load_ensemble(&a.checkpoint, a.clip_weights.as_deref(), dev)?;
+    for dir in std::iter::once(a.out.as_path()).chain(a.overlay.as_deref()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let bar = indicatif::ProgressBar::new(rows.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("predict {bar:30} {pos}/{len} [{elapsed}<{eta}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut foreground = 0usize;
+    for (image_path, row, name) in &rows {
+        let image = read_image(image_path)
+            .with_context(|| format!("cannot read image {}", image_path.display()))?;
+        let out = a.out.join(name);
+        let overlay = a.overlay.as_ref().map(|d| d.join(name));
+        let job = PredictJob {
+            image_path,
+            text: &row.text,
+            aux_text: row.aux_text.as_deref(),
+            out: &out,
+            overlay: overlay.as_deref(),
+        };
+        let (_, _, fg) = predict_image(a, &models, image, &job)?;
+        foreground += (fg > 0) as usize;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    println!(
+        "{} masks ({} with foreground) -> {}",
+        rows.len(),
+        foreground,
+        a.out.display()
+    );
+    if let Some(ov) = &a.overlay {
+        println!("overlays -> {}", ov.display());
     }
     Ok(())
 }
 
 /// Probabilities `K x S x S` (flat, `S` the label size) of `sample` for the `K` prompts,
-/// preprocessed as the training loader does. With [`Tta::Flip`] the mirrored image is
-/// segmented too, with "left" and "right" swapped in the prompts, and its maps are
-/// mirrored back and averaged in (as `tgc eval --tta flip` does).
+/// preprocessed as the training loader does, averaged over the ensemble `models`. With
+/// [`Tta::Flip`] the mirrored image is segmented too, with "left" and "right" swapped in
+/// the prompts, and its maps are mirrored back and averaged in (as `tgc eval --tta flip`
+/// does).
 fn predict_sample(
-    model: &TgcNet,
+    models: &[TgcNet],
     pre: &Preprocess,
     sample: &Sample,
     prompts: &[&str],
     aux: &[&str],
     tta: Tta,
 ) -> Result<Vec<f32>> {
-    let dev = model.device();
     let pass = |params: &AugmentParams, prompts: &[&str], aux: &[&str]| -> Result<Vec<f32>> {
         let p = pre.apply(sample, params);
-        let clip = Tensor::from_vec(p.clip, (3, pre.clip_size, pre.clip_size), dev)?;
-        let cnn = Tensor::from_vec(p.cnn, (3, pre.cnn_size, pre.cnn_size), dev)?;
-        let probs = model.predict(&clip, &cnn, prompts, Some(aux))?;
-        Ok(probs.flatten_all()?.to_vec1::<f32>()?)
+        let mut mean = vec![0f32; prompts.len() * pre.label_size * pre.label_size];
+        for model in models {
+            let dev = model.device();
+            let clip = Tensor::from_vec(p.clip.clone(), (3, pre.clip_size, pre.clip_size), dev)?;
+            let cnn = Tensor::from_vec(p.cnn.clone(), (3, pre.cnn_size, pre.cnn_size), dev)?;
+            let probs = model.predict(&clip, &cnn, prompts, Some(aux))?;
+            let probs = probs.flatten_all()?.to_vec1::<f32>()?;
+            for (m, v) in mean.iter_mut().zip(probs) {
+                *m += v / models.len() as f32;
+            }
+        }
+        Ok(mean)
     };
     let mut probs = pass(&AugmentParams::default(), prompts, aux)?;
     if tta == Tta::Flip {
@@ -1005,8 +1195,8 @@ fn predict_volume(a: &PredictArgs, path: &Path, dev: &Device) -> Result<()> {
     }
     let vol =
         Volume::read(path).with_context(|| format!("cannot read volume {}", path.display()))?;
-    let model = load_trained(&a.checkpoint, a.clip_weights.as_deref(), dev)?;
-    let cfg = model.config().clone();
+    let models = load_ensemble(&a.checkpoint, a.clip_weights.as_deref(), dev)?;
+    let cfg = models[0].config().clone();
     let pre = preprocess_of(&cfg);
     let window = HuWindow {
         level: a.window_level,
@@ -1028,7 +1218,7 @@ fn predict_volume(a: &PredictArgs, path: &Path, dev: &Device) -> Result<()> {
             aux_caption: None,
         };
         // The organ name is both prompts, as NiftiVolumeDataset's samples have it.
-        let probs = predict_sample(&model, &pre, &sample, &organs, &organs, a.tta)?;
+        let probs = predict_sample(&models, &pre, &sample, &organs, &organs, a.tta)?;
         let planes: Vec<Vec<f32>> = (0..k)
             .map(|o| resize_nearest(&probs[o * s * s..(o + 1) * s * s], s, s, h, w))
             .collect();
@@ -1222,15 +1412,39 @@ mod tests {
         let ds = SyntheticPhantoms::new(PhantomKind::ChestXray, 1, 4, 96);
         let sample = ds.get(0).expect("phantom");
         let (text, aux) = ("opacity in the left lung", "upper right zone");
-        let plain = predict_sample(&model, &pre, &sample, &[text], &[aux], Tta::None).unwrap();
-        let tta = predict_sample(&model, &pre, &sample, &[text], &[aux], Tta::Flip).unwrap();
+        let plain = predict_sample(
+            std::slice::from_ref(&model),
+            &pre,
+            &sample,
+            &[text],
+            &[aux],
+            Tta::None,
+        )
+        .unwrap();
+        let tta = predict_sample(
+            std::slice::from_ref(&model),
+            &pre,
+            &sample,
+            &[text],
+            &[aux],
+            Tta::Flip,
+        )
+        .unwrap();
         // The oracle: the sample mirrored by hand, its prompts swapped, a plain pass.
         let mut mirrored = sample.clone();
         for row in mirrored.image.data.chunks_mut(sample.image.width) {
             row.reverse();
         }
         let (mt, ma) = (swap_left_right(text), swap_left_right(aux));
-        let back = predict_sample(&model, &pre, &mirrored, &[&mt], &[&ma], Tta::None).unwrap();
+        let back = predict_sample(
+            std::slice::from_ref(&model),
+            &pre,
+            &mirrored,
+            &[&mt],
+            &[&ma],
+            Tta::None,
+        )
+        .unwrap();
         let mut worst = 0f32;
         for k in 0..s * s {
             let (y, x) = (k / s, k % s);
@@ -1240,6 +1454,35 @@ mod tests {
         assert!(worst < 1e-4, "flip TTA differs from the oracle by {worst}");
         let moved = plain.iter().zip(&tta).map(|(a, b)| (a - b).abs());
         assert!(moved.fold(0f32, f32::max) > 1e-3, "TTA changed nothing");
+    }
+
+    #[test]
+    fn ensemble_prediction_is_the_mean_of_the_members() {
+        let cfg = TgcConfig::tiny();
+        let load = |seed| TgcNet::load(cfg.clone(), &WeightSource::Random { seed }, &Device::Cpu);
+        let both = [load(5).expect("model"), load(6).expect("model")];
+        let (a, b) = (&both[0], &both[1]);
+        let pre = super::preprocess_of(&cfg);
+        let sample = SyntheticPhantoms::new(PhantomKind::ChestXray, 1, 4, 96)
+            .get(0)
+            .expect("phantom");
+        let (text, aux) = ("opacity in the left lung", "upper right zone");
+        for tta in [Tta::None, Tta::Flip] {
+            let one = |m: &TgcNet| {
+                predict_sample(std::slice::from_ref(m), &pre, &sample, &[text], &[aux], tta)
+                    .unwrap()
+            };
+            let (pa, pb) = (one(a), one(b));
+            let pe = predict_sample(&both, &pre, &sample, &[text], &[aux], tta).unwrap();
+            let worst = (0..pe.len())
+                .map(|k| (pe[k] - 0.5 * (pa[k] + pb[k])).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-6, "{tta:?}: off the members' mean by {worst}");
+            let spread = (0..pa.len())
+                .map(|k| (pa[k] - pb[k]).abs())
+                .fold(0f32, f32::max);
+            assert!(spread > 1e-3, "{tta:?}: the members agree to {spread}");
+        }
     }
 
     #[test]

@@ -232,6 +232,51 @@ fn train_eval_predict_on_phantoms() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("mirror") && err.contains("flip"), "{err}");
 
+    // Ensembles: one checkpoint twice is that checkpoint (the averaging of different
+    // members is checked against their own maps in tgc-train's and tgc-cli's unit tests).
+    let s = stdout_of(
+        tgc()
+            .args(["eval", "--phantoms", "ct", "--count"])
+            .arg(val_count.to_string())
+            .arg("--checkpoint")
+            .arg(&ck)
+            .arg(&ck),
+    );
+    assert!(s.contains("ensemble  2 checkpoints"), "{s}");
+    assert_eq!(dice_line(&s), dice);
+    // A member of another geometry (labels at 32 px): one line naming both files.
+    let small_cfg = dir.path().join("small.toml");
+    std::fs::write(
+        &small_cfg,
+        "preset = \"tiny\"\nphantoms = \"ct\"\ntrain_count = 8\nval_count = 4\n\
+         [model]\nlabel_size = 32\n[train]\nepochs = 1\nmax_steps = 1\nprogress = false\n\
+         overlays = 0\n",
+    )
+    .expect("write small.toml");
+    let small = dir.path().join("small");
+    stdout_of(
+        tgc()
+            .args(["train", "--config"])
+            .arg(&small_cfg)
+            .arg("--out")
+            .arg(&small),
+    );
+    let small_ck = ["best.safetensors", "final.safetensors"]
+        .iter()
+        .map(|f| small.join(f))
+        .find(|p| p.is_file())
+        .expect("a checkpoint");
+    let err = one_line_error(
+        tgc()
+            .args(["eval", "--phantoms", "ct", "--checkpoint"])
+            .arg(&ck)
+            .arg(&small_ck),
+    );
+    assert!(
+        err.contains("small") && err.contains("best.safetensors") && err.contains("sizes"),
+        "{err}"
+    );
+
     // --sample N scores images k * len / N of the split, not its first N: on QaTa's
     // training folder (covid_* names before sub-* ones) that reaches both sources.
     let qata = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/qata-cov19");
@@ -304,6 +349,78 @@ fn train_eval_predict_on_phantoms() {
     );
     let m = image::open(&mask).expect("mask decodes");
     assert_eq!((m.width(), m.height()), (64, 64));
+
+    // predict --list: each row's mask is the one an --image call writes for it (the model
+    // loads once); the same image twice needs an out name for one of the rows.
+    let other = "a lesion in the spleen";
+    let single = |text: &str, out: &Path| {
+        stdout_of(
+            tgc()
+                .args(["predict", "--checkpoint"])
+                .arg(&ck)
+                .arg("--image")
+                .arg(&img)
+                .args(["--text", text, "--out"])
+                .arg(out),
+        );
+        image::open(out).expect("mask decodes").to_luma8()
+    };
+    let write_list = |name: &str, rows: &[[&str; 3]]| {
+        let path = dir.path().join(name);
+        let mut w = csv::Writer::from_path(&path).expect("list");
+        w.write_record(["image", "text", "out"]).expect("header");
+        for r in rows {
+            w.write_record(r).expect("row");
+        }
+        w.flush().expect("flush");
+        path
+    };
+    let list = write_list(
+        "list.csv",
+        &[["x.png", &caption, ""], ["x.png", other, "x-other.png"]],
+    );
+    let masks = dir.path().join("masks");
+    let s = stdout_of(
+        tgc()
+            .args(["predict", "--checkpoint"])
+            .arg(&ck)
+            .arg("--list")
+            .arg(&list)
+            .arg("--out")
+            .arg(&masks)
+            .arg("--overlay")
+            .arg(dir.path().join("overlays")),
+    );
+    assert!(s.starts_with("2 masks"), "{s}");
+    for (file, text) in [("x.png", caption.as_str()), ("x-other.png", other)] {
+        let got = image::open(masks.join(file)).expect("mask").to_luma8();
+        assert_eq!(got, single(text, &dir.path().join("single.png")), "{file}");
+        assert!(dir.path().join("overlays").join(file).is_file(), "{file}");
+    }
+    let list_error = |rows: &[[&str; 3]]| {
+        let list = write_list("bad.csv", rows);
+        one_line_error(
+            tgc()
+                .args(["predict", "--checkpoint"])
+                .arg(&ck)
+                .arg("--list")
+                .arg(&list)
+                .arg("--out")
+                .arg(&masks),
+        )
+    };
+    let err = list_error(&[["x.png", &caption, ""], ["x.png", other, ""]]);
+    assert!(
+        err.contains("bad.csv lines 2 and 3 both write x.png"),
+        "{err}"
+    );
+    let err = list_error(&[["x.png", &caption, ""], ["y.png", other, ""]]);
+    assert!(
+        err.contains("bad.csv line 3") && err.contains("y.png not found"),
+        "{err}"
+    );
+    let err = list_error(&[["x.png", " ", ""]]);
+    assert!(err.contains("bad.csv line 2: the text is empty"), "{err}");
 
     // A CT volume with two organ prompts: a label map on the input's voxel grid.
     let ct = Path::new(env!("CARGO_MANIFEST_DIR"))

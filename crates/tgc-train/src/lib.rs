@@ -111,6 +111,7 @@ pub use plot::{plot_curves, plot_curves_from_jsonl, PlotConfig};
 pub use schedule::WarmupCosine;
 pub use threads::{default_data_parallel, tune_cpu_threads};
 pub use trainer::{
-    batch_logits, evaluate, plan_steps, EpochRecord, FeatureStore, ImageFeatureSource, ImageScore,
-    TrainConfig, TrainSummary, Trainer, Tta, META_PLANNED_STEPS, META_PLANNED_WARMUP,
+    batch_logits, evaluate, evaluate_ensemble, plan_steps, EpochRecord, FeatureStore,
+    ImageFeatureSource, ImageScore, TrainConfig, TrainSummary, Trainer, Tta, META_PLANNED_STEPS,
+    META_PLANNED_WARMUP,
 };

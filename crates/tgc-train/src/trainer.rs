@@ -580,8 +580,107 @@ pub fn evaluate(
     store: &mut FeatureStore,
     progress: bool,
     tta: Tta,
+    on_batch: impl FnMut(&Batch, &Tensor) -> Result<()>,
+) -> Result<(MetricsSummary, Vec<ImageScore>)> {
+    evaluate_members(
+        &mut [(model, store)],
+        dataset,
+        preprocess,
+        batch_size,
+        progress,
+        tta,
+        on_batch,
+    )
+}
+
+/// Evaluates the ensemble of `members` on `dataset` as [`evaluate`] does one model: each
+/// image's probability map is the mean of the members' maps (each with [`Tta::Flip`]
+/// already applied), thresholded once. Independently trained checkpoints make
+/// different mistakes on small lesions, so their mean scores above each of them.
+///
+/// Every member must read `preprocess`'s geometry (CLIP, CNN and label sizes; the
+/// architecture may differ otherwise) and sit on the first member's device. Frozen
+/// features are computed per member and not kept: members may use different CLIP weights.
+///
+/// ```
+/// use std::sync::Arc;
+/// use candle_core::Device;
+/// use tgc_data::{PhantomKind, Preprocess, SegDataset, SyntheticPhantoms};
+/// use tgc_model::{TgcConfig, TgcNet, WeightSource};
+/// use tgc_train::{evaluate_ensemble, Tta};
+///
+/// let cfg = TgcConfig::tiny();
+/// let (clip_size, cnn_size, label_size) = (cfg.clip_size, cfg.cnn_size, cfg.label_size);
+/// let pre = Preprocess { clip_size, cnn_size, label_size };
+/// // Two checkpoints would be loaded with `load_weights`; random members here.
+/// let a = TgcNet::load(cfg.clone(), &WeightSource::Random { seed: 1 }, &Device::Cpu)?;
+/// let b = TgcNet::load(cfg.clone(), &WeightSource::Random { seed: 2 }, &Device::Cpu)?;
+/// let val: Arc<dyn SegDataset> =
+///     Arc::new(SyntheticPhantoms::new(PhantomKind::CtSlice, 4, 2, label_size));
+/// let (m, scores) = evaluate_ensemble(&[&a, &b], val, pre, 2, false, Tta::None, |_, _| Ok(()))?;
+/// assert_eq!((m.n_images, scores.len()), (4, 4));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_ensemble(
+    members: &[&TgcNet],
+    dataset: Arc<dyn SegDataset>,
+    preprocess: Preprocess,
+    batch_size: usize,
+    progress: bool,
+    tta: Tta,
+    on_batch: impl FnMut(&Batch, &Tensor) -> Result<()>,
+) -> Result<(MetricsSummary, Vec<ImageScore>)> {
+    let Some(first) = members.first() else {
+        return Err(Error::InvalidArgument(
+            "evaluate_ensemble: an ensemble needs at least one member".into(),
+        ));
+    };
+    for (i, m) in members.iter().enumerate() {
+        let c = m.config();
+        let geometry = (c.clip_size, c.cnn_size, c.label_size);
+        let want = (
+            preprocess.clip_size,
+            preprocess.cnn_size,
+            preprocess.label_size,
+        );
+        if geometry != want {
+            return Err(Error::InvalidArgument(format!(
+                "evaluate_ensemble: member {i} reads (clip, cnn, label) sizes {geometry:?}, \
+                 the ensemble {want:?}: members must share the input geometry"
+            )));
+        }
+        if !m.device().same_device(first.device()) {
+            return Err(Error::InvalidArgument(format!(
+                "evaluate_ensemble: member {i} is on {:?}, member 0 on {:?}",
+                m.device().location(),
+                first.device().location()
+            )));
+        }
+    }
+    let mut stores: Vec<FeatureStore> = members
+        .iter()
+        .map(|_| FeatureStore::new(None, &preprocess, false))
+        .collect();
+    let mut pairs: Vec<(&TgcNet, &mut FeatureStore)> =
+        members.iter().copied().zip(stores.iter_mut()).collect();
+    evaluate_members(
+        &mut pairs, dataset, preprocess, batch_size, progress, tta, on_batch,
+    )
+}
+
+/// The loop of [`evaluate`] and [`evaluate_ensemble`]: the batches once, every member on
+/// each, their probability maps averaged.
+fn evaluate_members(
+    members: &mut [(&TgcNet, &mut FeatureStore)],
+    dataset: Arc<dyn SegDataset>,
+    preprocess: Preprocess,
+    batch_size: usize,
+    progress: bool,
+    tta: Tta,
     mut on_batch: impl FnMut(&Batch, &Tensor) -> Result<()>,
 ) -> Result<(MetricsSummary, Vec<ImageScore>)> {
+    let device = members[0].0.device().clone();
     let loader = |augment| {
         DataLoader::new(
             dataset.clone(),
@@ -589,7 +688,7 @@ pub fn evaluate(
             batch_size,
             None,
             augment,
-            model.device().clone(),
+            device.clone(),
         )
     };
     let plain = loader(Augment::off());
@@ -603,19 +702,34 @@ pub fn evaluate(
     let mut scores = vec![];
     for batch in plain.epoch(0) {
         let batch = batch?;
-        let mut probs = candle_nn::ops::sigmoid(&batch_logits(model, store, &batch, false)?)?;
-        if let Some(mirrored) = mirrored.as_mut() {
-            let flipped = mirrored.next().ok_or_else(|| {
+        let flipped = match mirrored.as_mut() {
+            None => None,
+            Some(m) => Some(m.next().ok_or_else(|| {
                 Error::InvalidArgument(format!(
                     "{}: the mirrored pass ran out of batches",
                     dataset.name()
                 ))
-            })??;
-            let back = mirror_width(&candle_nn::ops::sigmoid(&batch_logits(
-                model, store, &flipped, false,
-            )?)?)?;
-            probs = ((probs + back)? * 0.5)?;
+            })??),
+        };
+        let mut sum: Option<Tensor> = None;
+        for (model, store) in members.iter_mut() {
+            let mut p = candle_nn::ops::sigmoid(&batch_logits(model, store, &batch, false)?)?;
+            if let Some(flipped) = &flipped {
+                let back = mirror_width(&candle_nn::ops::sigmoid(&batch_logits(
+                    model, store, flipped, false,
+                )?)?)?;
+                p = ((p + back)? * 0.5)?;
+            }
+            sum = Some(match sum {
+                None => p,
+                Some(s) => (s + p)?,
+            });
         }
+        let probs = match sum {
+            Some(s) if members.len() > 1 => (s / members.len() as f64)?,
+            Some(s) => s,
+            None => unreachable!("at least one member"),
+        };
         metrics.update(&probs, &batch.masks)?;
         for i in 0..batch.len() {
             let mut one = SegMetrics::new();
@@ -631,7 +745,9 @@ pub fn evaluate(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    store.flush()?;
+    for (_, store) in members.iter_mut() {
+        store.flush()?;
+    }
     Ok((metrics.summary(), scores))
 }
 

@@ -878,3 +878,83 @@ fn weight_average_is_validated_saved_and_resumed_exactly() {
         );
     }
 }
+
+#[test]
+fn an_ensemble_scores_the_mean_of_its_members_maps() {
+    let cfg = TgcConfig::tiny();
+    let pre = preprocess(&cfg);
+    let ds = phantoms(6, 5, cfg.label_size);
+    let load = |seed| TgcNet::load(cfg.clone(), &WeightSource::Random { seed }, &Device::Cpu);
+    let (a, b) = (load(1).unwrap(), load(2).unwrap());
+    for tta in [Tta::None, Tta::Flip] {
+        let (_, pa) = eval_probs(&a, ds.clone(), pre, tta);
+        let (_, pb) = eval_probs(&b, ds.clone(), pre, tta);
+        let mut maps = vec![];
+        let (m, scores) =
+            tgc_train::evaluate_ensemble(&[&a, &b], ds.clone(), pre, 4, false, tta, |batch, p| {
+                for i in 0..batch.len() {
+                    maps.push(p.get(i)?.flatten_all()?.to_vec1::<f32>()?);
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!((m.n_images, scores.len(), maps.len()), (6, 6, 6));
+        let mut worst = 0f32;
+        let mut spread = 0f32;
+        for ((e, x), y) in maps.iter().zip(&pa).zip(&pb) {
+            for k in 0..e.len() {
+                worst = worst.max((e[k] - 0.5 * (x[k] + y[k])).abs());
+                spread = spread.max((x[k] - y[k]).abs());
+            }
+        }
+        assert!(
+            worst < 1e-6,
+            "{tta:?}: ensemble map off the members' mean by {worst}"
+        );
+        // Two different members, or the mean would equal either one.
+        assert!(spread > 1e-3, "{tta:?}: the members agree to {spread}");
+        // A one-member ensemble is plain evaluation.
+        let (single, _) =
+            tgc_train::evaluate_ensemble(&[&a], ds.clone(), pre, 4, false, tta, |_, _| Ok(()))
+                .unwrap();
+        let (plain, _) = eval_probs(&a, ds.clone(), pre, tta);
+        assert_eq!(single.dice, plain.dice);
+    }
+}
+
+#[test]
+fn an_ensemble_refuses_members_of_another_geometry() {
+    let cfg = TgcConfig::tiny();
+    let mut other = cfg.clone();
+    other.label_size = cfg.label_size / 2;
+    let a = model(&cfg);
+    let b = model(&other);
+    let ds = phantoms(2, 5, cfg.label_size);
+    let err = tgc_train::evaluate_ensemble(
+        &[&a, &b],
+        ds.clone(),
+        preprocess(&cfg),
+        2,
+        false,
+        Tta::None,
+        |_, _| Ok(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("member 1") && err.contains("geometry"),
+        "{err}"
+    );
+    let err = tgc_train::evaluate_ensemble(
+        &[],
+        ds,
+        preprocess(&cfg),
+        2,
+        false,
+        Tta::None,
+        |_, _| Ok(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("at least one member"), "{err}");
+}
