@@ -40,6 +40,16 @@ fn write_phantom(path: &Path, size: usize) -> (String, usize) {
     (s.caption, s.image.width)
 }
 
+/// The checkpoint a `tgc train` run left in `out`: best.safetensors, or
+/// final.safetensors when max_steps ended it inside the first epoch.
+fn checkpoint_in(out: &Path) -> std::path::PathBuf {
+    ["best.safetensors", "final.safetensors"]
+        .iter()
+        .map(|f| out.join(f))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("no checkpoint in {}", out.display()))
+}
+
 /// The value of `tgc eval`'s "Dice" line, checked to be a fraction.
 fn dice_line(stdout: &str) -> f64 {
     let dice: f64 = stdout
@@ -261,11 +271,7 @@ fn train_eval_predict_on_phantoms() {
             .arg("--out")
             .arg(&small),
     );
-    let small_ck = ["best.safetensors", "final.safetensors"]
-        .iter()
-        .map(|f| small.join(f))
-        .find(|p| p.is_file())
-        .expect("a checkpoint");
+    let small_ck = checkpoint_in(&small);
     let err = one_line_error(
         tgc()
             .args(["eval", "--phantoms", "ct", "--checkpoint"])
@@ -724,11 +730,7 @@ fn train_and_eval_on_ct_volumes() {
             .expect("json");
     assert_eq!(record["volumes"]["val_volumes"], 1, "{record}");
     assert_eq!(record["train"]["lr"], 2e-4, "{record}");
-    let ck = ["best.safetensors", "final.safetensors"]
-        .iter()
-        .map(|f| out.join(f))
-        .find(|p| p.is_file())
-        .expect("a checkpoint");
+    let ck = checkpoint_in(&out);
 
     let s = stdout_of(
         tgc()

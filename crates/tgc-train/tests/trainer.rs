@@ -930,31 +930,17 @@ fn an_ensemble_refuses_members_of_another_geometry() {
     let a = model(&cfg);
     let b = model(&other);
     let ds = phantoms(2, 5, cfg.label_size);
-    let err = tgc_train::evaluate_ensemble(
-        &[&a, &b],
-        ds.clone(),
-        preprocess(&cfg),
-        2,
-        false,
-        Tta::None,
-        |_, _| Ok(()),
-    )
-    .unwrap_err()
-    .to_string();
+    let error_of = |members: &[&TgcNet]| {
+        let pre = preprocess(&cfg);
+        tgc_train::evaluate_ensemble(members, ds.clone(), pre, 2, false, Tta::None, |_, _| Ok(()))
+            .unwrap_err()
+            .to_string()
+    };
+    let err = error_of(&[&a, &b]);
     assert!(
         err.contains("member 1") && err.contains("geometry"),
         "{err}"
     );
-    let err = tgc_train::evaluate_ensemble(
-        &[],
-        ds,
-        preprocess(&cfg),
-        2,
-        false,
-        Tta::None,
-        |_, _| Ok(()),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = error_of(&[]);
     assert!(err.contains("at least one member"), "{err}");
 }
