@@ -1041,12 +1041,17 @@ fn read_list(list: &Path) -> Result<Vec<(PathBuf, ListRow, PathBuf)>> {
     let base = list.parent().unwrap_or(Path::new("."));
     let mut reader = csv::Reader::from_path(list)
         .with_context(|| format!("cannot read the list {}", list.display()))?;
+    let headers = reader
+        .headers()
+        .with_context(|| format!("cannot read the header of {}", list.display()))?
+        .clone();
     let mut rows = vec![];
-    let mut seen: std::collections::HashMap<PathBuf, usize> = Default::default();
-    for (i, row) in reader.deserialize::<ListRow>().enumerate() {
-        // Line numbers as an editor shows them: the header is line 1.
-        let line = i + 2;
-        let row = row.with_context(|| {
+    let mut seen: std::collections::HashMap<PathBuf, u64> = Default::default();
+    for record in reader.records() {
+        let record = record.with_context(|| format!("cannot read {}", list.display()))?;
+        // The line the record starts on, as an editor numbers it (the header is line 1).
+        let line = record.position().map_or(0, |p| p.line());
+        let row: ListRow = record.deserialize(Some(&headers)).with_context(|| {
             format!(
                 "{} line {line}: expected the columns image,text[,aux_text][,out]",
                 list.display()
@@ -1076,7 +1081,9 @@ fn read_list(list: &Path) -> Result<Vec<(PathBuf, ListRow, PathBuf)>> {
                 let stem = row.image.file_stem().with_context(|| {
                     format!("{} line {line}: the image has no file name", list.display())
                 })?;
-                PathBuf::from(stem).with_extension("png")
+                let mut name = stem.to_os_string();
+                name.push(".png");
+                PathBuf::from(name)
             }
         };
         if let Some(first) = seen.insert(name.clone(), line) {
@@ -1098,9 +1105,6 @@ fn read_list(list: &Path) -> Result<Vec<(PathBuf, ListRow, PathBuf)>> {
 fn predict_list(a: &PredictArgs, list: &Path, dev: &Device) -> Result<()> {
     let rows = read_list(list)?;
     let models = load_ensemble(&a.checkpoint, a.clip_weights.as_deref(), dev)?;
-    for dir in std::iter::once(a.out.as_path()).chain(a.overlay.as_deref()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
     let bar = indicatif::ProgressBar::new(rows.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("predict {bar:30} {pos}/{len} [{elapsed}<{eta}]")
@@ -1112,6 +1116,13 @@ fn predict_list(a: &PredictArgs, list: &Path, dev: &Device) -> Result<()> {
             .with_context(|| format!("cannot read image {}", image_path.display()))?;
         let out = a.out.join(name);
         let overlay = a.overlay.as_ref().map(|d| d.join(name));
+        // An out name may hold a subfolder.
+        for file in std::iter::once(&out).chain(&overlay) {
+            if let Some(dir) = file.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+        }
         let job = PredictJob {
             image_path,
             text: &row.text,

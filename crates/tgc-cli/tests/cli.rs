@@ -383,7 +383,10 @@ fn train_eval_predict_on_phantoms() {
     };
     let list = write_list(
         "list.csv",
-        &[["x.png", &caption, ""], ["x.png", other, "x-other.png"]],
+        &[
+            ["x.png", &caption, ""],
+            ["x.png", other, "more/x-other.png"],
+        ],
     );
     let masks = dir.path().join("masks");
     let s = stdout_of(
@@ -398,7 +401,7 @@ fn train_eval_predict_on_phantoms() {
             .arg(dir.path().join("overlays")),
     );
     assert!(s.starts_with("2 masks"), "{s}");
-    for (file, text) in [("x.png", caption.as_str()), ("x-other.png", other)] {
+    for (file, text) in [("x.png", caption.as_str()), ("more/x-other.png", other)] {
         let got = image::open(masks.join(file)).expect("mask").to_luma8();
         assert_eq!(got, single(text, &dir.path().join("single.png")), "{file}");
         assert!(dir.path().join("overlays").join(file).is_file(), "{file}");
