@@ -117,8 +117,8 @@ struct TrainArgs {
 
 #[derive(clap::Args, Debug)]
 struct EvalArgs {
-    /// Checkpoint (best.safetensors / last.safetensors); the model config is read from
-    /// its metadata. Several (`--checkpoint a.safetensors b.safetensors`) are evaluated as
+    /// Checkpoint (best.safetensors / last.safetensors, or a run folder for its
+    /// best.safetensors); the model config is read from its metadata. Several (`--checkpoint a.safetensors b.safetensors`) are evaluated as
     /// an ensemble: per image the members' probability maps are averaged, then
     /// thresholded. Members must share the input sizes (clip_size, cnn_size, label_size).
     #[arg(long, required = true, num_args = 1..)]
@@ -204,7 +204,8 @@ struct EvalArgs {
 
 #[derive(clap::Args, Debug)]
 struct PredictArgs {
-    /// Checkpoint; the model config is read from its metadata. Several predict with
+    /// Checkpoint (or a run folder for its best.safetensors); the model config is read
+    /// from its metadata. Several predict with
     /// their ensemble (the mean of their probability maps), as `tgc eval` does.
     #[arg(long, required = true, num_args = 1..)]
     checkpoint: Vec<PathBuf>,
@@ -592,7 +593,26 @@ fn clip_for_checkpoint(flag: Option<&str>, checkpoint: &Path) -> String {
     rec.unwrap_or_else(|| "random".into())
 }
 
+/// A `--checkpoint` argument as a file: a run folder stands for its best.safetensors
+/// (final.safetensors when max_steps ended the run inside its first epoch).
+fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    ["best.safetensors", "final.safetensors"]
+        .iter()
+        .map(|f| path.join(f))
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "run folder {} holds no best.safetensors or final.safetensors",
+                path.display()
+            )
+        })
+}
+
 fn load_trained(checkpoint: &Path, clip_flag: Option<&str>, dev: &Device) -> Result<TgcNet> {
+    let checkpoint = &resolve_checkpoint(checkpoint)?;
     let cfg = checkpoint_config(checkpoint)?;
     let clip = clip_for_checkpoint(clip_flag, checkpoint);
     let model = build_model(cfg, &run::weight_source(&clip), dev)?;

@@ -254,6 +254,21 @@ fn train_eval_predict_on_phantoms() {
     );
     assert!(s.contains("ensemble  2 checkpoints"), "{s}");
     assert_eq!(dice_line(&s), dice);
+    // A run folder stands for its best checkpoint; one without any is named in the error.
+    let s = stdout_of(
+        tgc()
+            .args(["eval", "--phantoms", "ct", "--count"])
+            .arg(val_count.to_string())
+            .arg("--checkpoint")
+            .arg(ck.parent().expect("the run folder")),
+    );
+    assert_eq!(dice_line(&s), dice);
+    let err = one_line_error(
+        tgc()
+            .args(["eval", "--phantoms", "ct", "--checkpoint"])
+            .arg(dir.path()),
+    );
+    assert!(err.contains("holds no best.safetensors"), "{err}");
     // A member of another geometry (labels at 32 px): one line naming both files.
     let small_cfg = dir.path().join("small.toml");
     std::fs::write(
