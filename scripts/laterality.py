@@ -11,7 +11,8 @@ For every "unilateral" caption (it names one lung, "left" or "right") the side o
 image (left or right half) that holds most of the ground-truth mask is compared with the
 word, and, given --masks (label-size masks written by `tgc predict --list`), with the
 half that holds most of the predicted mask. Prints the counts of each pairing and the
-mean Dice of the images whose caption names the other half than their mask. Needs numpy
+mean Dice of the images whose caption names the other half than their mask, and of the
+others. Needs numpy
 and pillow (PyPI); the library never runs it.
 """
 import argparse
@@ -36,6 +37,7 @@ def main():
     pairs = collections.Counter()
     followed = collections.Counter()
     off_dice = []
+    on_dice = []
     n_all = 0
     with open(os.path.join(folder, csv_name), newline="") as f:
         rows = list(csv.DictReader(f))
@@ -55,9 +57,8 @@ def main():
         if a.masks:
             p_side = "right" if p[:, half:].sum() > p[:, :half].sum() else "left"
             followed[(word == g_side, p_side == word)] += 1
-            if word != g_side:
-                s = p.sum() + g.sum()
-                off_dice.append(2.0 * (p & g).sum() / s if s else 1.0)
+            s = p.sum() + g.sum()
+            (on_dice if word == g_side else off_dice).append(2.0 * (p & g).sum() / s if s else 1.0)
     total = sum(pairs.values())
     print(f"{a.split}: {n_all} images, {total} with a unilateral caption")
     for (word, side), n in sorted(pairs.items()):
@@ -67,6 +68,7 @@ def main():
             what = "caption and mask agree" if agree else "caption names the other half"
             pred = "the caption's half" if follows else "the other half"
             print(f"  {what}, prediction in {pred}: {n}")
+        print(f"  mean Dice where caption and mask agree: {100 * np.mean(on_dice):.2f}")
         if off_dice:
             print(f"  mean Dice where the caption names the other half: {100 * np.mean(off_dice):.2f}"
                   f" ({len(off_dice)} images, {100 * len(off_dice) / n_all:.2f}% of the split)")
