@@ -279,6 +279,10 @@ struct InfoArgs {
     /// Run file whose preset and model-table overrides are applied.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The model of a checkpoint (or a run folder's best.safetensors) instead: its config
+    /// is read from the checkpoint's metadata.
+    #[arg(long, conflicts_with_all = ["preset", "config"])]
+    checkpoint: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -1292,19 +1296,29 @@ fn predict_volume(a: &PredictArgs, path: &Path, dev: &Device) -> Result<()> {
 }
 
 fn info(a: InfoArgs) -> Result<()> {
-    let file = match &a.config {
-        Some(p) => RunFile::read(p)?,
-        None => RunFile::default(),
+    let (cfg, what) = match &a.checkpoint {
+        Some(path) => {
+            let path = resolve_checkpoint(path)?;
+            let what = format!("checkpoint {}", path.display());
+            (checkpoint_config(&path)?, what)
+        }
+        None => {
+            let file = match &a.config {
+                Some(p) => RunFile::read(p)?,
+                None => RunFile::default(),
+            };
+            let preset = a
+                .preset
+                .or(file.preset.clone())
+                .unwrap_or_else(|| "cpu".into());
+            let cfg = run::model_config(&preset, file.model.as_ref())?;
+            (cfg, format!("preset {preset}"))
+        }
     };
-    let preset = a
-        .preset
-        .or(file.preset.clone())
-        .unwrap_or_else(|| "cpu".into());
-    let cfg = run::model_config(&preset, file.model.as_ref())?;
     // Counting needs no weights: the frozen towers get deterministic random values.
     let model = build_model(cfg.clone(), &WeightSource::Random { seed: 0 }, &Device::Cpu)?;
     let c = model.param_counts();
-    println!("preset {preset} (frozen towers built with random weights: counting only)");
+    println!("{what} (frozen towers built with random weights: counting only)");
     println!(
         "inputs: CLIP {0}x{0}, CNN {1}x{1}, labels {2}x{2}, prompts {3} tokens",
         cfg.clip_size, cfg.cnn_size, cfg.label_size, cfg.max_text_len

@@ -254,6 +254,22 @@ fn train_eval_predict_on_phantoms() {
     );
     assert!(s.contains("ensemble  2 checkpoints"), "{s}");
     assert_eq!(dice_line(&s), dice);
+    // `tgc info` reads a checkpoint's model: the tiny preset it was trained with.
+    let counts = |s: String| -> Vec<String> {
+        s.lines()
+            .skip_while(|l| !l.starts_with("inputs"))
+            .map(String::from)
+            .collect()
+    };
+    let from_ck = counts(stdout_of(tgc().args(["info", "--checkpoint"]).arg(&ck)));
+    assert_eq!(
+        from_ck,
+        counts(stdout_of(tgc().args(["info", "--preset", "tiny"])))
+    );
+    assert!(
+        from_ck.iter().any(|l| l.starts_with("total")),
+        "{from_ck:?}"
+    );
     // A run folder stands for its best checkpoint; one without any is named in the error.
     let s = stdout_of(
         tgc()
